@@ -1,0 +1,127 @@
+"""The whole config as one typed tree, loaded from YAML with every error named by its path.
+
+Each component owns the models of its section (``router.config`` for clusters and listeners);
+this module assembles them and turns validation failures into :class:`ConfigError` with the
+file, the dotted path (``listeners[0].routes[1].split[0].to``) and a reason.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from pointsman.errors import ConfigError, ConfigProblem
+from router.config import Address, ClusterConfig, ListenerConfig, check_references
+
+
+class AdminConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    listen: Address = ("127.0.0.1", 9901)
+
+
+class Config(BaseModel):
+    """The root of a pointsman config file."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    admin: AdminConfig = AdminConfig()
+    clusters: dict[str, ClusterConfig] = Field(default_factory=dict)
+    listeners: list[ListenerConfig] = Field(default_factory=list)
+
+    def digest(self) -> str:
+        """A stable hash of the effective config: equal configs have equal digests."""
+        text = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def format_path(loc: Sequence[str | int]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+def _reason(error: dict[str, Any]) -> str:
+    msg = str(error["msg"])
+    if error["type"] == "extra_forbidden":
+        return "unknown key"
+    if error["type"] == "missing":
+        return "required key is missing"
+    return msg.removeprefix("Value error, ")
+
+
+def _loc(error: dict[str, Any]) -> list[str | int]:
+    # Pydantic adds the names of union branches and tagged/functional validators to the
+    # location; a person wants the path in their YAML only.
+    skip = ("function-after[", "function-before[", "function-plain[", "tagged-union[")
+    return [p for p in error["loc"] if not (isinstance(p, str) and p.startswith(skip))]
+
+
+def parse_config(data: Any, source: str = "<config>") -> Config:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(source, [ConfigProblem("", "the top level must be a mapping (key: value)")])
+    try:
+        config = Config.model_validate(data)
+    except ValidationError as exc:
+        problems = [ConfigProblem(format_path(_loc(e)), _reason(e)) for e in exc.errors()]  # type: ignore[arg-type]
+        raise ConfigError(source, problems) from None
+    problems = [
+        ConfigProblem(format_path(path), reason) for path, reason in check_references(config.clusters, config.listeners)
+    ]
+    if problems:
+        raise ConfigError(source, problems)
+    return config
+
+
+class _Yaml12Loader(yaml.SafeLoader):
+    """YAML 1.2 booleans: only true/false. YAML 1.1 also reads on/off/yes/no as booleans, which
+    would turn the key ``on:`` of ``retries`` into ``True``."""
+
+
+_Yaml12Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+
+
+def load_text(text: str, source: str = "<config>") -> Config:
+    try:
+        data = yaml.load(text, Loader=_Yaml12Loader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(source, [ConfigProblem("", f"{where}YAML syntax error: {problem}")]) from None
+    return parse_config(data, source)
+
+
+def load_file(path: str | Path) -> Config:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(str(path), [ConfigProblem("", f"cannot read the file: {exc.strerror or exc}")]) from None
+    return load_text(text, str(path))
+
+
+def json_schema() -> dict[str, Any]:
+    schema = Config.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "pointsman config"
+    return schema

@@ -1,0 +1,218 @@
+"""The router's runtime: clusters and listeners built from config, swapped atomically on reload.
+
+:meth:`Router.apply` builds the new clusters and route tables off to the side (nothing
+running is touched while it builds), then swaps them in: a listener whose address and
+protocol are unchanged keeps its socket and just gets the new table, so no connection is
+refused during a reload. Clusters whose config is unchanged are carried over with their
+health state, ejections and idle connections. Requests already in flight keep the
+route and cluster objects they started with.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Protocol
+
+from router.cluster import Cluster
+from router.config import ClusterConfig, ListenerConfig, format_address
+from router.metrics import RouterStats
+from router.routes import RouteTable
+
+log = logging.getLogger("pointsman.router")
+
+
+class Connection(Protocol):
+    """What a listener's protocol objects offer for draining."""
+
+    def begin_drain(self) -> None:
+        """Finish the request in flight (if any), then close; accept no new request."""
+
+    def abort(self) -> None:
+        """Close at once."""
+
+
+class ListenerHandle:
+    """One listening socket and what its connections read at each new request or session."""
+
+    def __init__(self, config: ListenerConfig, stats: RouterStats) -> None:
+        self.config = config
+        self.name = config.name
+        self.stats = stats
+        self.table: RouteTable | None = None  # http
+        self.cluster: Cluster | None = None  # tcp
+        self.server: asyncio.Server | None = None
+        self.connections: set[Connection] = set()
+        self.idle_event = asyncio.Event()
+        self.idle_event.set()
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """Where it really listens (the port that was bound when the config said 0)."""
+        if self.server is not None and self.server.sockets:
+            sockname = self.server.sockets[0].getsockname()
+            return sockname[0], sockname[1]
+        return self.config.listen
+
+    def add(self, conn: Connection) -> None:
+        self.connections.add(conn)
+        self.idle_event.clear()
+        self.stats.downstream_active[self.name] += 1
+
+    def remove(self, conn: Connection) -> None:
+        if conn in self.connections:
+            self.connections.discard(conn)
+            self.stats.downstream_active[self.name] -= 1
+            if not self.connections:
+                self.idle_event.set()
+
+    def same_socket(self, config: ListenerConfig) -> bool:
+        return config.listen == self.config.listen and config.protocol == self.config.protocol
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        host, port = self.config.listen
+        if self.config.protocol == "http":
+            from router.http_proxy import HttpProxyProtocol
+
+            factory = lambda: HttpProxyProtocol(self)  # noqa: E731
+        else:
+            from router.tcp_proxy import TcpProxyProtocol
+
+            factory = lambda: TcpProxyProtocol(self)  # noqa: E731
+        self.server = await loop.create_server(factory, host, port, reuse_address=True, backlog=1024)
+        log.info("listener %s (%s) on %s", self.name, self.config.protocol, format_address(self.address))
+
+    def stop_accepting(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+    async def drain(self, deadline: float) -> None:
+        """Stop accepting, let connections finish their request in flight, abort the rest at
+        the deadline (a ``time.monotonic()`` value)."""
+        self.stop_accepting()
+        for conn in list(self.connections):
+            conn.begin_drain()
+        timeout = max(0.0, deadline - time.monotonic())
+        try:
+            await asyncio.wait_for(self.idle_event.wait(), timeout)
+        except TimeoutError:
+            log.warning(
+                "listener %s: %d connections still open at the drain deadline, closing them",
+                self.name,
+                len(self.connections),
+            )
+        for conn in list(self.connections):
+            conn.abort()
+        if self.server is not None:
+            await self.server.wait_closed()
+
+
+class Router:
+    """Owns every listener and cluster of the process."""
+
+    def __init__(self, stats: RouterStats | None = None) -> None:
+        self.stats = stats or RouterStats()
+        self.clusters: dict[str, Cluster] = {}
+        self.listeners: dict[str, ListenerHandle] = {}
+        self.stats.clusters_source = self._all_clusters
+        self._lock = asyncio.Lock()
+        self._background: set[asyncio.Task[None]] = set()
+
+    def _all_clusters(self) -> Iterator[Cluster]:
+        return iter(list(self.clusters.values()))
+
+    async def apply(self, clusters: Mapping[str, ClusterConfig], listeners: Sequence[ListenerConfig]) -> None:
+        """Make the running router match this (already validated) config.
+
+        Binding a new listener's socket is the one step that can fail after validation (the
+        port is taken). Sockets are bound first, before anything running changes, so such a
+        failure leaves the running config whole.
+        """
+        async with self._lock:
+            # 1. Build off to the side.
+            new_clusters: dict[str, Cluster] = {}
+            for name, config in clusters.items():
+                old = self.clusters.get(name)
+                new_clusters[name] = old if old is not None and old.config == config else Cluster(name, config)
+            new_handles: dict[str, ListenerHandle] = {}
+            to_start: list[ListenerHandle] = []
+            for config in listeners:
+                old_handle = self.listeners.get(config.name)
+                if old_handle is not None and old_handle.same_socket(config):
+                    handle = old_handle
+                else:
+                    handle = ListenerHandle(config, self.stats)
+                    to_start.append(handle)
+                new_handles[config.name] = handle
+            tables = {
+                c.name: RouteTable.build(c.name, c.routes, new_clusters) for c in listeners if c.routes is not None
+            }
+            # 2. Bind new sockets; on failure close what was bound and keep everything else.
+            # A listener that moves to an address another one is leaving is bound after
+            # the old one closes (step 4), so it is not bound here.
+            leaving = {h.config.listen for name, h in self.listeners.items() if new_handles.get(name) is not h}
+            started: list[ListenerHandle] = []
+            deferred: list[ListenerHandle] = []
+            try:
+                for handle in to_start:
+                    if handle.config.listen in leaving:
+                        deferred.append(handle)
+                        continue
+                    await handle.start()
+                    started.append(handle)
+            except OSError:
+                for handle in started:
+                    handle.stop_accepting()
+                raise
+            # 3. Swap: one assignment per listener; connections read these per request.
+            for config in listeners:
+                handle = new_handles[config.name]
+                handle.config = config
+                handle.table = tables.get(config.name)
+                handle.cluster = new_clusters[config.to] if config.to is not None else None
+            for cluster in new_clusters.values():
+                cluster.start()
+            old_clusters, self.clusters = self.clusters, new_clusters
+            old_handles, self.listeners = self.listeners, new_handles
+            # 4. Retire what is gone: removed listeners drain in the background.
+            for name, handle in old_handles.items():
+                if new_handles.get(name) is not handle:
+                    handle.stop_accepting()
+                    if handle.server is not None:
+                        await handle.server.wait_closed()
+                    task = asyncio.get_running_loop().create_task(
+                        handle.drain(time.monotonic() + 30.0), name=f"drain:{name}"
+                    )
+                    self._background.add(task)
+                    task.add_done_callback(self._background_done)
+            for handle in deferred:
+                await handle.start()
+            for name, cluster in old_clusters.items():
+                if new_clusters.get(name) is not cluster:
+                    await cluster.stop()
+
+    async def drain(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        await asyncio.gather(*(h.drain(deadline) for h in self.listeners.values()))
+
+    def _background_done(self, task: asyncio.Task[None]) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("background task %s failed", task.get_name(), exc_info=task.exception())
+
+    async def close(self) -> None:
+        await self.drain(0.0)
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        for cluster in self.clusters.values():
+            await cluster.stop()
+
+    def address_of(self, listener: str) -> tuple[str, int]:
+        return self.listeners[listener].address
+
+    def snapshot(self) -> dict[str, object]:
+        return {name: c.snapshot() for name, c in self.clusters.items()}
