@@ -97,7 +97,9 @@ class HashBalancer(Balancer):
         n = len(owners)
         for step in range(n):
             endpoint = owners[(start + step) % n]
-            if endpoint.available:
+            # Membership in the list given, not the endpoint's own flag: the caller may have
+            # narrowed it (Cluster.pick's exclude, a failover skipping endpoints it tried).
+            if endpoint in available:
                 return endpoint
         return self._rr.pick(available, None)
 

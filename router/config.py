@@ -213,12 +213,16 @@ class SplitTarget(Strict):
 RetryOn = Literal["connect-failure", "gateway-error", "reset", "5xx"]
 
 
+def _default_retry_on() -> list[RetryOn]:
+    return ["connect-failure"]
+
+
 class RetryConfig(Strict):
     """Retries apply to idempotent requests (GET, HEAD, OPTIONS, PUT, DELETE, TRACE) whose body
     was not streamed yet; ``attempts`` counts retries after the first try."""
 
     attempts: int = Field(default=1, ge=0, le=10)
-    on: list[RetryOn] = Field(default_factory=lambda: ["connect-failure"])
+    on: list[RetryOn] = Field(default_factory=_default_retry_on)
     per_try_timeout: Duration | None = None
 
 

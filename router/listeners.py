@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Protocol
 
 from router.cluster import Cluster
@@ -74,6 +74,7 @@ class ListenerHandle:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         host, port = self.config.listen
+        factory: Callable[[], asyncio.BaseProtocol]
         if self.config.protocol == "http":
             from router.http_proxy import HttpProxyProtocol
 
@@ -97,7 +98,8 @@ class ListenerHandle:
             conn.begin_drain()
         timeout = max(0.0, deadline - time.monotonic())
         try:
-            await asyncio.wait_for(self.idle_event.wait(), timeout)
+            if not self.idle_event.is_set():
+                await asyncio.wait_for(self.idle_event.wait(), timeout)
         except TimeoutError:
             log.warning(
                 "listener %s: %d connections still open at the drain deadline, closing them",
@@ -134,9 +136,10 @@ class Router:
         async with self._lock:
             # 1. Build off to the side.
             new_clusters: dict[str, Cluster] = {}
-            for name, config in clusters.items():
+            for name, cluster_config in clusters.items():
                 old = self.clusters.get(name)
-                new_clusters[name] = old if old is not None and old.config == config else Cluster(name, config)
+                reuse = old is not None and old.config == cluster_config
+                new_clusters[name] = old if reuse and old is not None else Cluster(name, cluster_config)
             new_handles: dict[str, ListenerHandle] = {}
             to_start: list[ListenerHandle] = []
             for config in listeners:

@@ -105,7 +105,7 @@ class RouterStats(Collector):
         self.downstream_connections = c(
             "pointsman_downstream_connections_total", "Client connections accepted", ("listener",)
         )
-        self.downstream_active = defaultdict(int)  # listener -> open client connections
+        self.downstream_active: defaultdict[str, int] = defaultdict(int)  # listener -> open client connections
         self.upstream_connections = c(
             "pointsman_upstream_connections_total", "Upstream connections opened", ("cluster",)
         )

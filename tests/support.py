@@ -30,12 +30,13 @@ async def http_upstream(app: web.Application) -> AsyncIterator[tuple[str, int]]:
     """An aiohttp server for ``app`` on an ephemeral port."""
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    server = site._server
-    assert server is not None
-    host, port = server.sockets[0].getsockname()[:2]  # type: ignore[union-attr]
     try:
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        # uvloop's Server is not an asyncio.Server subclass, hence getattr over isinstance.
+        sockets = getattr(site._server, "sockets", None)
+        assert sockets, "the upstream did not bind"
+        host, port = sockets[0].getsockname()[:2]
         yield host, port
     finally:
         await runner.cleanup()
@@ -49,9 +50,8 @@ class _Echo(asyncio.Protocol):
         self.transport.write(data)
 
     def eof_received(self) -> bool:
-        # Half-close: the client finished sending; close our side after echoing everything.
-        self.transport.write_eof()
-        return True
+        # The client finished sending: everything was echoed already; close our side too.
+        return False
 
 
 @asynccontextmanager
