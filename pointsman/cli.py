@@ -1,0 +1,273 @@
+"""The ``pointsman`` command.
+
+    pointsman up --config FILE             every component the file configures (+ admin API)
+    pointsman router --config FILE         the router's listeners (+ admin API)
+    pointsman check-config FILE [FILE...]  validate; every error with file, path and reason
+    pointsman schema                       the config's JSON Schema
+    pointsman reload [--admin HOST:PORT | --config FILE]
+                                           ask a running instance to reload its config
+
+Exit codes: 0 success, 1 an invalid config, a refused reload or an unreachable instance,
+2 a usage error (argparse).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Coroutine, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pointsman import __version__
+from pointsman.config import json_schema, load_file
+from pointsman.errors import AdminError, ConfigError
+from pointsman.supervisor import DEFAULT_DRAIN_TIMEOUT, build_supervisor
+from router.config import format_address, parse_address
+
+log = logging.getLogger("pointsman")
+
+DEFAULT_ADMIN = ("127.0.0.1", 9901)
+
+
+def _run(main: Callable[[], Coroutine[Any, Any, int]]) -> int:
+    """Run on uvloop where it is installed (the loop the tests and production use)."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        factory = None
+    else:
+        factory = uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(main())
+
+
+# -- serving ---------------------------------------------------------------------------
+
+
+def _serve(args: argparse.Namespace, *, router: bool) -> int:
+    try:
+        config = load_file(args.config)
+    except ConfigError as exc:
+        print(exc.render(), file=sys.stderr)
+        return 1
+
+    async def main() -> int:
+        supervisor = build_supervisor(
+            config,
+            args.config,
+            router=router,
+            drain_timeout=args.drain_timeout,
+            watch_interval=None if args.no_watch else args.watch_interval,
+        )
+        try:
+            await supervisor.start()
+        except ConfigError as exc:
+            print(exc.render(), file=sys.stderr)
+            return 1
+        return await supervisor.run_until_stopped()
+
+    try:
+        return _run(main)
+    except KeyboardInterrupt:
+        # Ctrl-C before the supervisor installed its handlers (while starting up).
+        return 130
+    except Exception:
+        # A bug, not a config problem: the traceback is what a bug report needs.
+        log.exception("pointsman stopped on an unexpected error")
+        return 1
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    # Discovery and the scheduler join here when their sections exist in the config.
+    return _serve(args, router=True)
+
+
+def cmd_router(args: argparse.Namespace) -> int:
+    return _serve(args, router=True)
+
+
+# -- offline commands --------------------------------------------------------------------
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    failed = False
+    for path in args.files:
+        try:
+            config = load_file(path)
+        except ConfigError as exc:
+            print(exc.render(), file=sys.stderr)
+            failed = True
+            continue
+        print(
+            f"{path}: ok ({len(config.listeners)} listeners, {len(config.clusters)} clusters, hash {config.digest()})"
+        )
+    return 1 if failed else 0
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    print(json.dumps(json_schema(), indent=2))
+    return 0
+
+
+# -- talking to a running instance -------------------------------------------------------
+
+
+def _admin_from_file(path: str) -> tuple[str, int]:
+    """``admin.listen`` of a config file. Read leniently: the point of ``reload`` is often
+    to learn that the file is now invalid, and the admin address is still in it."""
+    try:
+        return load_file(path).admin.listen
+    except ConfigError:
+        pass
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        return parse_address(data["admin"]["listen"])
+    except Exception:
+        return DEFAULT_ADMIN
+
+
+def _connectable(address: tuple[str, int]) -> tuple[str, int]:
+    host, port = address
+    # A wildcard bind is reached through loopback.
+    return {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host), port
+
+
+def post_reload(address: tuple[str, int], timeout: float = 30.0) -> dict[str, Any]:
+    """POST /reload; the JSON answer when it reloaded or was unchanged, else AdminError."""
+    url = f"http://{format_address(_connectable(address))}/reload"
+    request = urllib.request.Request(url, method="POST", data=b"")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return dict(json.loads(response.read()))
+    except urllib.error.HTTPError as exc:
+        try:
+            body = json.loads(exc.read())
+        except ValueError:
+            body = {}
+        finally:
+            exc.close()
+        lines = [f"{url}: reload {body.get('status', 'failed')} (HTTP {exc.code})"]
+        file = body.get("file", "")
+        for error in body.get("errors", []):
+            where = f"{error.get('path')}: " if error.get("path") else ""
+            lines.append(f"  {file}: {where}{error.get('reason')}")
+        raise AdminError("\n".join(lines)) from None
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise AdminError(f"{url}: cannot reach the admin API: {reason}") from None
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    if args.admin is not None:
+        address = args.admin
+    elif args.config is not None:
+        address = _admin_from_file(args.config)
+        if address[1] == 0:
+            print(f"{args.config}: admin.listen uses port 0; pass --admin HOST:PORT", file=sys.stderr)
+            return 1
+    else:
+        address = DEFAULT_ADMIN
+    try:
+        result = post_reload(address)
+    except AdminError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    print(f"{result.get('status')} (hash {result.get('hash')})")
+    return 0
+
+
+# -- arguments -------------------------------------------------------------------------
+
+
+def _address(text: str) -> tuple[str, int]:
+    try:
+        return parse_address(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    # --log-level is accepted before or after the subcommand; SUPPRESS keeps the
+    # subcommand's copy from overwriting a value given before it.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--log-level",
+        default=argparse.SUPPRESS,
+        choices=["debug", "info", "warning", "error"],
+        help="log verbosity (default: info)",
+    )
+    parser = argparse.ArgumentParser(prog="pointsman", description="An asyncio platform layer.", parents=[common])
+    parser.add_argument("--version", action="version", version=f"pointsman {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def serving(name: str, help_text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text, description=help_text, parents=[common])
+        sub.add_argument("--config", required=True, metavar="FILE", help="config file (YAML)")
+        sub.add_argument(
+            "--drain-timeout",
+            type=float,
+            default=DEFAULT_DRAIN_TIMEOUT,
+            metavar="SECONDS",
+            help="on SIGTERM/SIGINT, how long in-flight requests may finish (default: %(default)s)",
+        )
+        sub.add_argument(
+            "--watch-interval",
+            type=float,
+            default=0.5,
+            metavar="SECONDS",
+            help="how often the config file is checked for changes (default: %(default)s)",
+        )
+        sub.add_argument("--no-watch", action="store_true", help="reload on SIGHUP and POST /reload only")
+        return sub
+
+    serving("up", "run every component the config file configures").set_defaults(func=cmd_up)
+    serving("router", "run the router's listeners and the admin API").set_defaults(func=cmd_router)
+
+    check = commands.add_parser("check-config", help="validate config files", parents=[common])
+    check.add_argument("files", nargs="+", metavar="FILE")
+    check.set_defaults(func=cmd_check_config)
+
+    schema = commands.add_parser("schema", help="print the config's JSON Schema", parents=[common])
+    schema.set_defaults(func=cmd_schema)
+
+    reload = commands.add_parser("reload", help="make a running instance reload its config file", parents=[common])
+    where = reload.add_mutually_exclusive_group()
+    where.add_argument(
+        "--admin", type=_address, metavar="HOST:PORT", help="the instance's admin API (default: 127.0.0.1:9901)"
+    )
+    where.add_argument("--config", metavar="FILE", help="read the admin address from this file's admin.listen")
+    reload.set_defaults(func=cmd_reload)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if not hasattr(args, "log_level"):
+        # Not set_defaults(): the parent's action is shared with every subcommand, and a
+        # default there would overwrite a --log-level given before the subcommand.
+        args.log_level = "info"
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return int(args.func(args))
+    except BrokenPipeError:
+        # `pointsman schema | head`: the reader left; exit quietly instead of a traceback
+        # (and keep the interpreter's final flush from raising again).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
