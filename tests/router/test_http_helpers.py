@@ -1,0 +1,215 @@
+"""Shared helpers of the HTTP proxy tests (this module holds no tests itself).
+
+Raw-socket clients and upstreams for the cases where exact bytes matter: aiohttp (client and
+server) normalises framing, so tests of framing, pipelining and malformed input talk HTTP by
+hand here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+def http_config(
+    clusters: dict[str, dict[str, Any]],
+    routes: list[dict[str, Any]],
+    *,
+    http: dict[str, Any] | None = None,
+    name: str = "web",
+) -> dict[str, Any]:
+    listener: dict[str, Any] = {"name": name, "listen": "127.0.0.1:0", "routes": routes}
+    if http:
+        listener["http"] = http
+    return {"clusters": clusters, "listeners": [listener]}
+
+
+def one_cluster(address: tuple[str, int], **cluster: Any) -> dict[str, Any]:
+    """A config with one cluster ``up`` at ``address`` and one catch-all route to it."""
+    route = cluster.pop("route", {})
+    http = cluster.pop("http", None)
+    return http_config(
+        {"up": {"endpoints": [f"{address[0]}:{address[1]}"], **cluster}},
+        [{"name": "all", "match": {"path_prefix": "/"}, "to": "up", **route}],
+        http=http,
+    )
+
+
+class Response:
+    def __init__(self, status: int, reason: str, headers: list[tuple[str, str]], body: bytes, raw_head: bytes) -> None:
+        self.status = status
+        self.reason = reason
+        self.headers = headers
+        self.body = body
+        self.raw_head = raw_head
+
+    def header(self, name: str) -> str | None:
+        for key, value in self.headers:
+            if key.lower() == name.lower():
+                return value
+        return None
+
+    def all(self, name: str) -> list[str]:
+        return [v for k, v in self.headers if k.lower() == name.lower()]
+
+    def __repr__(self) -> str:
+        return f"<Response {self.status} {self.headers} {self.body[:80]!r}>"
+
+
+async def read_head(reader: asyncio.StreamReader) -> tuple[int, str, list[tuple[str, str]], bytes]:
+    raw = await reader.readuntil(b"\r\n\r\n")
+    lines = raw.decode("latin-1").split("\r\n")
+    _version, status, *rest = lines[0].split(" ", 2)
+    headers = []
+    for line in lines[1:]:
+        if line:
+            name, _, value = line.partition(":")
+            headers.append((name.strip(), value.strip()))
+    return int(status), (rest[0] if rest else ""), headers, raw
+
+
+async def read_response(reader: asyncio.StreamReader, *, head_request: bool = False) -> Response:
+    """One response, framed by Content-Length, chunked encoding or the connection's end.
+    Interim (1xx) responses other than 101 are skipped."""
+    while True:
+        status, reason, headers, raw = await read_head(reader)
+        if status >= 200 or status == 101:
+            break
+    response = Response(status, reason, headers, b"", raw)
+    if head_request or status in (101, 204, 304):
+        return response
+    te = response.header("transfer-encoding")
+    length = response.header("content-length")
+    if te is not None and te.lower().endswith("chunked"):
+        body = bytearray()
+        while True:
+            size_line = await reader.readuntil(b"\r\n")
+            size = int(size_line.split(b";")[0], 16)
+            if size == 0:
+                while (await reader.readuntil(b"\r\n")) != b"\r\n":
+                    pass  # trailers
+                break
+            body += await reader.readexactly(size)
+            assert await reader.readexactly(2) == b"\r\n"
+        response.body = bytes(body)
+    elif length is not None:
+        response.body = await reader.readexactly(int(length))
+    else:
+        response.body = await reader.read()
+    return response
+
+
+@asynccontextmanager
+async def raw_client(port: int) -> AsyncIterator[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        yield reader, writer
+    finally:
+        writer.close()
+        try:
+            await writer.wait_closed()
+        except (ConnectionError, OSError):
+            pass
+
+
+async def exchange(port: int, data: bytes, *, head_request: bool = False) -> Response:
+    """Send ``data`` on a new connection and read one response."""
+    async with raw_client(port) as (reader, writer):
+        writer.write(data)
+        return await asyncio.wait_for(read_response(reader, head_request=head_request), 10)
+
+
+async def read_until_closed(reader: asyncio.StreamReader) -> bytes:
+    """Everything until the peer closes (a reset also counts as closed)."""
+    chunks = []
+    try:
+        while chunk := await reader.read(65536):
+            chunks.append(chunk)
+    except ConnectionError:
+        pass
+    return b"".join(chunks)
+
+
+@asynccontextmanager
+async def raw_upstream(handler: Handler) -> AsyncIterator[tuple[str, int]]:
+    """An upstream speaking bytes ``handler`` writes; each connection runs ``handler``."""
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        tasks.add(task)
+        try:
+            await handler(reader, writer)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        except asyncio.CancelledError:
+            # Cancelled by the teardown below. Ending normally keeps asyncio's stream server
+            # from logging the cancellation as an error (it calls task.exception()).
+            return
+        finally:
+            writer.close()
+            tasks.discard(task)
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    host, port = server.sockets[0].getsockname()[:2]
+    try:
+        yield host, port
+    finally:
+        server.close()
+        for task in list(tasks):
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await server.wait_closed()
+
+
+async def read_request(reader: asyncio.StreamReader) -> tuple[str, list[tuple[str, str]], bytes]:
+    """One request as an upstream sees it: the request line, headers, and the body (framed
+    by Content-Length or chunked)."""
+    raw = await reader.readuntil(b"\r\n\r\n")
+    lines = raw.decode("latin-1").split("\r\n")
+    headers = []
+    for line in lines[1:]:
+        if line:
+            name, _, value = line.partition(":")
+            headers.append((name.strip(), value.strip()))
+    found = {k.lower(): v for k, v in headers}
+    body = b""
+    if found.get("transfer-encoding", "").lower() == "chunked":
+        parts = bytearray()
+        while True:
+            size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
+            if size == 0:
+                while (await reader.readuntil(b"\r\n")) != b"\r\n":
+                    pass
+                break
+            parts += await reader.readexactly(size)
+            await reader.readexactly(2)
+        body = bytes(parts)
+    elif "content-length" in found:
+        body = await reader.readexactly(int(found["content-length"]))
+    return lines[0], headers, body
+
+
+async def until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    """Wait for a condition on the router's own state, which offers no event to await (a
+    counter going back to zero after the loop ran a connection_lost, say)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():
+        if loop.time() > deadline:
+            raise AssertionError(f"not true after {timeout}s: {predicate}")
+        await asyncio.sleep(0.01)
+
+
+def rss_bytes() -> int:
+    """This process's resident set size now (not the peak)."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS in /proc/self/status")
