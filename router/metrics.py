@@ -36,6 +36,10 @@ class LabelledCounter:
 
     def collect(self) -> CounterMetricFamily:
         family = CounterMetricFamily(self.name, self.documentation, labels=self.labels)
+        if not self.labels and not self.values:
+            # A counter without labels is exported from the start, at 0, so that rate() and
+            # alerts on it work before its first increment.
+            family.add_metric((), 0.0)
         for key, value in self.values.items():
             family.add_metric(key, value)
         return family
