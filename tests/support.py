@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, cast
 
 from aiohttp import web
 
@@ -42,25 +43,87 @@ async def http_upstream(app: web.Application) -> AsyncIterator[tuple[str, int]]:
         await runner.cleanup()
 
 
-class _Echo(asyncio.Protocol):
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport: asyncio.Transport = transport  # type: ignore[assignment]
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
-    def data_received(self, data: bytes) -> None:
-        self.transport.write(data)
 
-    def eof_received(self) -> bool:
-        # The client finished sending: everything was echoed already; close our side too.
-        return False
+async def wait_until(predicate: Callable[[], bool], timeout: float = 5.0, what: str = "condition") -> None:
+    """Poll every 10 ms until ``predicate()`` holds; fail after ``timeout`` seconds. For state
+    that offers no event to await (a counter back at zero after a connection_lost, say)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.01)
 
 
 @asynccontextmanager
-async def tcp_echo_server() -> AsyncIterator[tuple[str, int]]:
-    loop = asyncio.get_running_loop()
-    server = await loop.create_server(_Echo, "127.0.0.1", 0)
+async def stream_server(handler: Handler) -> AsyncIterator[tuple[str, int]]:
+    """A server on an ephemeral port running ``handler`` per connection; on exit every handler
+    task is cancelled and every socket closed (no 'unclosed transport' leaks into later tests)."""
+    tasks: set[asyncio.Task[None]] = set()
+    writers: set[asyncio.StreamWriter] = set()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        tasks.add(task)  # type: ignore[arg-type]
+        writers.add(writer)
+        try:
+            await handler(reader, writer)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        except asyncio.CancelledError:
+            # Cancelled by the teardown below. Ending normally keeps asyncio's stream server
+            # from logging the cancellation as an error (it calls task.exception()).
+            return
+        finally:
+            writer.close()
+            tasks.discard(task)  # type: ignore[arg-type]
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
     host, port = server.sockets[0].getsockname()[:2]
     try:
         yield host, port
     finally:
         server.close()
+        for task in list(tasks):
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for writer in writers:
+            writer.close()
         await server.wait_closed()
+
+
+class _Echo(asyncio.Protocol):
+    """Echoes; on the client's FIN it flushes and closes."""
+
+    def __init__(self, transports: set[asyncio.Transport]) -> None:
+        self.transports = transports
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self.transports.add(self.transport)
+
+    def data_received(self, data: bytes) -> None:
+        self.transport.write(data)
+
+    def eof_received(self) -> bool:
+        return False  # close once the echoes are flushed
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transports.discard(self.transport)
+
+
+@asynccontextmanager
+async def echo_server() -> AsyncIterator[tuple[str, int]]:
+    transports: set[asyncio.Transport] = set()
+    server = await asyncio.get_running_loop().create_server(lambda: _Echo(transports), "127.0.0.1", 0)
+    host, port = server.sockets[0].getsockname()[:2]
+    try:
+        yield host, port
+    finally:
+        server.close()
+        for transport in list(transports):
+            transport.abort()
+        await server.wait_closed()
+        await asyncio.sleep(0)  # let connection_lost run

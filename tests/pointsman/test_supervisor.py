@@ -6,9 +6,8 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import aiohttp
 import pytest
@@ -18,6 +17,7 @@ from pointsman.errors import ConfigError
 from pointsman.supervisor import Component, RouterComponent, State, Supervisor, build_supervisor
 from router.config import format_address
 from tests.pointsman.harness import write_config
+from tests.support import echo_server
 
 ADMIN_ONLY: dict[str, Any] = {"admin": {"listen": "127.0.0.1:0"}}
 
@@ -207,40 +207,6 @@ async def test_file_watcher_debounces_and_skips_what_was_already_loaded(tmp_path
         supervisor.request_stop()
         async with asyncio.timeout(5):
             await run
-
-
-class _Echo(asyncio.Protocol):
-    """Echoes, and closes once the client's FIN arrived and the echo is flushed."""
-
-    def __init__(self, transports: set[asyncio.BaseTransport]) -> None:
-        self.transports = transports
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)
-        self.transports.add(transport)
-
-    def data_received(self, data: bytes) -> None:
-        self.transport.write(data)
-
-    def eof_received(self) -> bool:
-        return False
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.transports.discard(self.transport)
-
-
-@asynccontextmanager
-async def echo_server() -> AsyncIterator[tuple[str, int]]:
-    transports: set[asyncio.BaseTransport] = set()
-    server = await asyncio.get_running_loop().create_server(lambda: _Echo(transports), "127.0.0.1", 0)
-    host, port = server.sockets[0].getsockname()[:2]
-    try:
-        yield host, port
-    finally:
-        server.close()
-        for transport in list(transports):
-            transport.close()
-        await server.wait_closed()
 
 
 async def _echo_once(address: tuple[str, int], payload: bytes) -> bytes:

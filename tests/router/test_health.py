@@ -6,8 +6,8 @@ import asyncio
 import gc
 import socket
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, cast
 
 from aiohttp import web
@@ -15,18 +15,9 @@ from aiohttp import web
 from router.cluster import Cluster, Endpoint
 from router.config import ClusterConfig
 from router.listeners import Router
-from tests.support import http_upstream, running_router
+from tests.support import echo_server, http_upstream, running_router, wait_until
 
 FAST = {"interval": "50ms", "timeout": "500ms"}
-
-
-async def wait_until(predicate: Callable[[], bool], timeout: float = 5.0, what: str = "condition") -> None:
-    """Poll every 10 ms until ``predicate()`` holds; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.01)
 
 
 class HealthApp:
@@ -77,27 +68,6 @@ def unbound_listener() -> Iterator[tuple[socket.socket, tuple[str, int]]]:
         yield sock, cast(tuple[str, int], sock.getsockname()[:2])
     finally:
         sock.close()
-
-
-class _Echo(asyncio.Protocol):
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)
-
-    def data_received(self, data: bytes) -> None:
-        self.transport.write(data)
-
-    def eof_received(self) -> bool:
-        return False  # flush and close
-
-
-@asynccontextmanager
-async def echo_server() -> AsyncIterator[tuple[str, int]]:
-    server = await asyncio.get_running_loop().create_server(_Echo, "127.0.0.1", 0)
-    try:
-        yield cast(tuple[str, int], server.sockets[0].getsockname()[:2])
-    finally:
-        server.close()
-        await server.wait_closed()
 
 
 async def get_through_proxy(router: Router, path: str) -> bytes:

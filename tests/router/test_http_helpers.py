@@ -8,11 +8,18 @@ hand here.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
-Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+from tests.support import Handler, wait_until
+from tests.support import stream_server as raw_upstream
+
+__all__ = ["Handler", "raw_upstream", "until"]
+
+
+async def until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    await wait_until(predicate, timeout, what=repr(predicate))
 
 
 def http_config(
@@ -134,39 +141,6 @@ async def read_until_closed(reader: asyncio.StreamReader) -> bytes:
     return b"".join(chunks)
 
 
-@asynccontextmanager
-async def raw_upstream(handler: Handler) -> AsyncIterator[tuple[str, int]]:
-    """An upstream speaking bytes ``handler`` writes; each connection runs ``handler``."""
-    tasks: set[asyncio.Task[None]] = set()
-
-    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        tasks.add(task)
-        try:
-            await handler(reader, writer)
-        except (ConnectionError, asyncio.IncompleteReadError):
-            pass
-        except asyncio.CancelledError:
-            # Cancelled by the teardown below. Ending normally keeps asyncio's stream server
-            # from logging the cancellation as an error (it calls task.exception()).
-            return
-        finally:
-            writer.close()
-            tasks.discard(task)
-
-    server = await asyncio.start_server(serve, "127.0.0.1", 0)
-    host, port = server.sockets[0].getsockname()[:2]
-    try:
-        yield host, port
-    finally:
-        server.close()
-        for task in list(tasks):
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        await server.wait_closed()
-
-
 async def read_request(reader: asyncio.StreamReader) -> tuple[str, list[tuple[str, str]], bytes]:
     """One request as an upstream sees it: the request line, headers, and the body (framed
     by Content-Length or chunked)."""
@@ -193,17 +167,6 @@ async def read_request(reader: asyncio.StreamReader) -> tuple[str, list[tuple[st
     elif "content-length" in found:
         body = await reader.readexactly(int(found["content-length"]))
     return lines[0], headers, body
-
-
-async def until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-    """Wait for a condition on the router's own state, which offers no event to await (a
-    counter going back to zero after the loop ran a connection_lost, say)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not predicate():
-        if loop.time() > deadline:
-            raise AssertionError(f"not true after {timeout}s: {predicate}")
-        await asyncio.sleep(0.01)
 
 
 def rss_bytes() -> int:

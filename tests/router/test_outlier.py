@@ -4,21 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
 from typing import Any
 
 import pytest
 
 from router.cluster import Cluster
 from router.config import ClusterConfig
-
-
-async def wait_until(predicate: Callable[[], bool], timeout: float = 2.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.01)
+from tests.support import wait_until
 
 
 def make_cluster(count: int, **outlier: Any) -> Cluster:

@@ -10,92 +10,13 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager, suppress
-from typing import Any, cast
+from typing import Any
 
 from router.listeners import Router
 from router.tcp_proxy import TcpProxyProtocol
-from tests.support import running_router
+from tests.support import echo_server, running_router, stream_server, wait_until
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
-
-
-async def wait_until(predicate: Callable[[], bool], timeout: float = 3.0, what: str = "condition") -> None:
-    """Poll every 10 ms until ``predicate()`` holds; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.01)
-
-
-@asynccontextmanager
-async def stream_server(handler: Handler) -> AsyncIterator[tuple[str, int]]:
-    """An asyncio streams server on an ephemeral port whose handler tasks and sockets are
-    all closed on exit (so no 'unclosed transport' warning can leak into a later test)."""
-    tasks: set[asyncio.Task[None]] = set()
-    writers: set[asyncio.StreamWriter] = set()
-
-    async def run(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        tasks.add(task)
-        writers.add(writer)
-        try:
-            await handler(reader, writer)
-        except (ConnectionError, asyncio.IncompleteReadError):
-            pass
-        finally:
-            writer.close()
-            tasks.discard(task)
-
-    server = await asyncio.start_server(run, "127.0.0.1", 0)
-    host, port = server.sockets[0].getsockname()[:2]
-    try:
-        yield host, port
-    finally:
-        server.close()
-        for task in list(tasks):
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        for writer in writers:
-            writer.close()
-        await server.wait_closed()
-
-
-class _Echo(asyncio.Protocol):
-    """Echoes; on the client's FIN it flushes and closes (tests.support's echo server only
-    half-closes and so leaves its socket open after the peer is gone)."""
-
-    def __init__(self, transports: set[asyncio.Transport]) -> None:
-        self.transports = transports
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)
-        self.transports.add(self.transport)
-
-    def data_received(self, data: bytes) -> None:
-        self.transport.write(data)
-
-    def eof_received(self) -> bool:
-        return False  # close once the echoes are flushed
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.transports.discard(self.transport)
-
-
-@asynccontextmanager
-async def echo_server() -> AsyncIterator[tuple[str, int]]:
-    transports: set[asyncio.Transport] = set()
-    server = await asyncio.get_running_loop().create_server(lambda: _Echo(transports), "127.0.0.1", 0)
-    host, port = server.sockets[0].getsockname()[:2]
-    try:
-        yield host, port
-    finally:
-        server.close()
-        for transport in list(transports):
-            transport.abort()
-        await server.wait_closed()
-        await asyncio.sleep(0)  # let connection_lost run
 
 
 @contextmanager
