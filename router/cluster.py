@@ -86,6 +86,9 @@ class Cluster:
         self.max_connections = limits.max_connections
         self.max_pending = limits.max_pending
         self.max_requests = limits.max_requests
+        # Read per request: plain attributes, not pydantic lookups.
+        self.hashed = config.balancer == "hash"
+        self.idle_timeout = config.idle_timeout
         # Circuit-breaker counters, shared by every listener that routes here.
         self.connections = 0
         self.pending = 0

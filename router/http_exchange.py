@@ -18,6 +18,7 @@ connection (or the tunnel's, after a 101).
 from __future__ import annotations
 
 import asyncio
+from bisect import bisect_left
 from collections import deque
 from typing import TYPE_CHECKING
 
@@ -29,6 +30,7 @@ from router.http_headers import (
     CRLF,
     KEEP_ALIVE_LINE,
     LAST_CHUNK,
+    STATUS_LINES,
     UPGRADE_CONNECTION_LINE,
     VIA_LINE,
     chunk,
@@ -93,6 +95,45 @@ def labels_for(listener: str, route: str, cluster: str) -> _Labels:
 class HttpExchange(asyncio.Protocol):
     """State shared by both halves of a client connection, and the upstream half."""
 
+    # Slots: a fixed layout keeps every attribute access of the hot path a slot read.
+    __slots__ = (
+        "client_ip",
+        "closed",
+        "conn",
+        "deadline",
+        "draining",
+        "early",
+        "eof_in",
+        "eof_out",
+        "forwarded",
+        "hc_head",
+        "hc_method",
+        "hc_parts",
+        "hc_url",
+        "header_timeout",
+        "idle_timeout",
+        "kicking",
+        "last_cluster",
+        "last_labels",
+        "last_route",
+        "listener",
+        "loop",
+        "mode",
+        "name",
+        "no_more",
+        "no_route_labels",
+        "out",
+        "parsing",
+        "queue",
+        "read_pause",
+        "stats",
+        "timer",
+        "timer_at",
+        "timer_kind",
+        "transport",
+        "write_paused",
+    )
+
     def __init__(self, listener: ListenerHandle) -> None:
         self.listener = listener
         self.stats = listener.stats
@@ -126,6 +167,12 @@ class HttpExchange(asyncio.Protocol):
         self.last_route: Route | None = None
         self.last_cluster: Cluster | None = None
         self.last_labels = self.no_route_labels = labels_for(self.name, "", "")
+        # The upstream head of the last request built on this connection, and what it was
+        # built from (see _attach).
+        self.hc_parts: list[bytes] | None = None
+        self.hc_url = b""
+        self.hc_method = b""
+        self.hc_head = b""
 
     # -- reading switches ----------------------------------------------------------------------
 
@@ -256,15 +303,45 @@ class HttpExchange(asyncio.Protocol):
         req.counted = True
         if route.retries is not None:
             req.tries_left = route.retries_allowed(req.method_str)
+        elif not req.expect_continue:
+            # The common case, _try inlined: pick an endpoint and write to its most recently
+            # parked connection (take_idle) when that one is alive.
+            available = cluster.available
+            if available:
+                endpoint = cluster.balancer.pick(available, req.hash_key)
+                idle = endpoint.idle
+                if idle:
+                    conn = idle[-1]
+                    transport = conn.transport
+                    if not conn.closed and transport is not None and not transport.is_closing():
+                        idle.pop()
+                        conn.pooled = False
+                        conn.reused = True
+                        endpoint.active += 1
+                        req.endpoint = endpoint
+                        self._attach(req, conn)
+                        return
+                self._try_endpoint(req, endpoint)
+                return
         self._try(req, None)
 
     def _try(self, req: Request, exclude: Endpoint | None) -> None:
         cluster = req.cluster
         assert cluster is not None and req.route is not None
-        endpoint = cluster.pick(req.hash_key, exclude)
+        if exclude is None:
+            # Cluster.pick, inlined: this runs for every request.
+            available = cluster.available
+            endpoint = cluster.balancer.pick(available, req.hash_key) if available else None
+        else:
+            endpoint = cluster.pick(req.hash_key, exclude)
         if endpoint is None:
             self._local(req, 503, b"no healthy upstream\n")
             return
+        self._try_endpoint(req, endpoint)
+
+    def _try_endpoint(self, req: Request, endpoint: Endpoint) -> None:
+        cluster = req.cluster
+        assert cluster is not None and req.route is not None
         endpoint.active += 1
         req.endpoint = endpoint
         conn = pool.take_idle(endpoint) if endpoint.idle else None
@@ -305,7 +382,31 @@ class HttpExchange(asyncio.Protocol):
             conn.pause_reading()
         head = req.head
         if not head:
-            head = req.head = req.build_head(self.client_ip, self.forwarded, conn.endpoint.key.encode())
+            if (
+                req.parts == self.hc_parts
+                and req.url == self.hc_url
+                and req.method == self.hc_method
+                and req.host
+                and not req.conn_extra
+                and not req.chunked
+                and not req.upgrade
+                and req.xff is None
+                and req.via is None
+            ):
+                # The same head as this connection's previous request (keep-alive clients
+                # repeat themselves): build_head would return the same bytes.
+                head = req.head = self.hc_head
+            else:
+                head = req.head = req.build_head(self.client_ip, self.forwarded, conn.endpoint.key.encode())
+                if (
+                    req.host
+                    and not req.conn_extra
+                    and not req.chunked
+                    and not req.upgrade
+                    and req.xff is None
+                    and req.via is None
+                ):
+                    self.hc_parts, self.hc_url, self.hc_method, self.hc_head = req.parts, req.url, req.method, head
         if req.pending:
             conn.send(self, b"".join((head, *req.pending)), req.method == b"HEAD")
             req.pending = []
@@ -385,7 +486,7 @@ class HttpExchange(asyncio.Protocol):
                 self._drop_upstream(req)
                 self._retry(req, endpoint)
                 return
-        else:
+        elif endpoint.consecutive_failures:
             cluster.record_success(endpoint)
         if status == 101:
             if not req.upgrade or conn.upgrade_value is None:
@@ -395,7 +496,12 @@ class HttpExchange(asyncio.Protocol):
             self._start_tunnel(req, conn)
             return
         close = req.close_after or not req.keep_alive or self.draining or not req.complete or req.upgrade
-        out = [status_line(status), *conn.parts]
+        # Written into self.out directly: the body parsed from the same read joins it
+        # (upstream_flush), one join and one send instead of two. On loopback each send wakes
+        # the reader, which costs more than the Python around it.
+        out = self.out
+        out.append(STATUS_LINES.get(status) or status_line(status))
+        out += conn.parts
         if not conn.has_length and not (req.method == b"HEAD" or status == 204 or status == 304):
             if req.http10:
                 close = True  # no chunked for HTTP/1.0: the body ends when we close
@@ -415,10 +521,6 @@ class HttpExchange(asyncio.Protocol):
         req.close_after = close
         req.status = status
         req.sent = True
-        # Not written yet: the body parsed from the same read joins it (upstream_flush), one
-        # send instead of two. On loopback each send wakes the reader, which costs more
-        # than the Python around it.
-        self.out.append(b"".join(out))
 
     def upstream_body(self, conn: UpstreamConnection, data: bytes) -> None:
         if conn is self.conn:
@@ -439,9 +541,13 @@ class HttpExchange(asyncio.Protocol):
         if conn is not self.conn or not self.queue:
             return
         req = self.queue[0]
+        out = self.out
         if req.resp_chunked:
-            self.out.append(LAST_CHUNK)
-        self._flush()
+            out.append(LAST_CHUNK)
+        if out:  # _flush, inlined
+            if self.transport is not None and not self.closed:
+                self.transport.write(out[0] if len(out) == 1 else b"".join(out))
+            self.out = []
         self.conn = None
         if self.read_pause & P_UPSTREAM:
             self._unpause(P_UPSTREAM)
@@ -577,23 +683,38 @@ class HttpExchange(asyncio.Protocol):
     def _finish(self, req: Request, abort: bool = False) -> None:
         """The response of the request at the front of the queue is written (or failed)."""
         req.done = True
-        req.pending = []
-        if req.endpoint is not None or req.try_timer is not None or req.waiting:
+        if req.pending:
+            req.pending = []
+        endpoint = req.endpoint
+        if req.try_timer is not None or req.waiting:
             self._release(req)
+        elif endpoint is not None:
+            # _release, inlined for the usual case (no try timer, not waiting).
+            req.connecting = False
+            endpoint.active -= 1
+            req.endpoint = None
         req.conn = None
         if req.counted:
             req.counted = False
             assert req.cluster is not None
             req.cluster.requests -= 1
         now = self.loop.time()
-        if req.status:
+        status = req.status
+        if status:
             if req.route is self.last_route and req.cluster is self.last_cluster:
                 labels = self.last_labels
             else:
                 labels = self._labels_of(req)
             stats = self.stats
-            stats.http_requests.inc(labels.by_class[req.status // 100])
-            stats.http_duration.observe(labels.duration, now - req.start)
+            stats.http_requests.values[labels.by_class[status // 100]] += 1  # .inc(), inlined
+            duration = stats.http_duration
+            elapsed = now - req.start
+            row = duration.series.get(labels.duration)
+            if row is None:
+                duration.observe(labels.duration, elapsed)
+            else:  # .observe(), inlined
+                row[bisect_left(duration.buckets, elapsed)] += 1
+                row[-1] += elapsed
         queue = self.queue
         if queue and queue[0] is req:
             queue.popleft()

@@ -89,18 +89,18 @@ def extra_hop_headers(tokens: list[bytes]) -> frozenset[bytes]:
     return frozenset(t for t in tokens if t not in _KNOWN_TOKENS)
 
 
-_connection_cache: dict[bytes, tuple[bool, frozenset[bytes] | None]] = {}
+CONNECTION_CACHE: dict[bytes, tuple[bool, frozenset[bytes] | None]] = {}
 
 
 def parse_connection(value: bytes) -> tuple[bool, frozenset[bytes] | None]:
     """A Connection header value as (says close, extra hop-by-hop names or None). Cached by
     value: nearly every peer sends ``keep-alive``, ``close`` or ``Upgrade``."""
-    found = _connection_cache.get(value)
+    found = CONNECTION_CACHE.get(value)
     if found is None:
         tokens = connection_tokens(value)
         found = (b"close" in tokens, extra_hop_headers(tokens) or None)
-        if len(_connection_cache) < 1024:
-            _connection_cache[value] = found
+        if len(CONNECTION_CACHE) < 1024:
+            CONNECTION_CACHE[value] = found
     return found
 
 
@@ -130,16 +130,16 @@ def reason(status: int) -> bytes:
     return _REASONS.get(status, b"Unknown")
 
 
-_STATUS_LINES: dict[int, bytes] = {}
+STATUS_LINES: dict[int, bytes] = {}
 
 
 def status_line(status: int) -> bytes:
     """``HTTP/1.1 200 OK\\r\\n``: the proxy writes the standard reason phrase, as Envoy does."""
-    line = _STATUS_LINES.get(status)
+    line = STATUS_LINES.get(status)
     if line is None:
         line = b"HTTP/1.1 %d %b\r\n" % (status, reason(status))
         if 100 <= status < 600:
-            _STATUS_LINES[status] = line
+            STATUS_LINES[status] = line
     return line
 
 

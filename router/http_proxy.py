@@ -78,6 +78,19 @@ class _Reject(Exception):
 
 
 class HttpProxyProtocol(HttpExchange):
+    __slots__ = (
+        "head_bytes",
+        "head_raw",
+        "in_headers",
+        "max_header_bytes",
+        "parser",
+        "rc_host",
+        "rc_method",
+        "rc_path",
+        "rc_route",
+        "rc_table",
+    )
+
     def __init__(self, listener: ListenerHandle) -> None:
         super().__init__(listener)
         self.max_header_bytes = listener.config.http.max_header_bytes
@@ -183,8 +196,12 @@ class HttpProxyProtocol(HttpExchange):
                 if self.head_raw > self.max_header_bytes:
                     self._reject(431, "header_too_large", b"request header too large\n")
         queue = self.queue
-        if queue and not queue[0].started and not self.kicking:
-            self._kick()
+        if queue and not self.kicking:
+            req = queue[0]
+            if not req.started and not self.closed:
+                # _kick without its loop: a request answered locally from here finishes
+                # through _finish, which kicks the rest of the queue itself.
+                self._start(req)
 
     def _special_data(self, data: bytes) -> None:
         mode = self.mode
@@ -299,7 +316,8 @@ class HttpProxyProtocol(HttpExchange):
         req.method_str = _METHODS.get(method) or method.decode("ascii", "replace")
         req.http10 = parser.get_http_version() == "1.0"
         req.keep_alive = parser.should_keep_alive() and not self.no_more
-        req.upgrade = parser.should_upgrade()
+        if req.upgrade_value is not None:  # llhttp's upgrade flag needs an Upgrade header
+            req.upgrade = parser.should_upgrade()
         if method == b"CONNECT":
             raise _Reject(405, "unsupported", b"CONNECT is not supported\n")
         url = req.url
@@ -341,8 +359,9 @@ class HttpProxyProtocol(HttpExchange):
                     self.rc_route = route
             if route is not None:
                 req.route = route
-                cluster = req.cluster = route.pick_cluster()
-                if cluster.config.balancer == "hash":
+                clusters = route.clusters
+                cluster = req.cluster = clusters[0] if len(clusters) == 1 else route.pick_cluster()
+                if cluster.hashed:
                     req.hash_key = self._hash_key(req, cluster)
         queue = self.queue
         queue.append(req)

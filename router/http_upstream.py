@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Protocol
 from httptools import HttpParserCallbackError, HttpParserError, HttpParserUpgrade, HttpResponseParser
 
 from router.http_headers import (
+    CONNECTION_CACHE,
     H_CONNECTION,
     H_CONTENT_LENGTH,
     H_HOP,
@@ -293,7 +294,7 @@ class UpstreamConnection(asyncio.Protocol):
             self.te_value = value
             self.chunked = is_chunked(value)
         elif kind == H_CONNECTION:
-            close, extra = parse_connection(value)
+            close, extra = CONNECTION_CACHE.get(value) or parse_connection(value)
             if close:
                 self.keep_alive = False
             if extra:  # the names may come before or after Connection: filter at the end
@@ -418,7 +419,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._timer = None
         if self.closed or not self.pooled:
             return  # busy again: release() arms a new timer when it is parked next
-        timeout = self.cluster.config.idle_timeout
+        timeout = self.cluster.idle_timeout
         remaining = self.idle_since + timeout - self.loop.time()
         if remaining > 0:
             self._timer = self.loop.call_later(remaining, self._idle_check)
@@ -446,12 +447,13 @@ def take_idle(endpoint: Endpoint) -> UpstreamConnection | None:
 def release(conn: UpstreamConnection, reusable: bool) -> None:
     """The owner is done with ``conn``: park it, hand it to a waiting request, or close it."""
     conn.owner = None
-    conn.resume_reading()  # a parked connection must read, or a server's close goes unseen
+    if conn._paused_reading:
+        conn.resume_reading()  # a parked connection must read, or a server's close goes unseen
     if conn.closed:
         return
     cluster = conn.cluster
     # (idle_timeout 0: idle connections are not kept at all)
-    if not reusable or conn.expecting or cluster.stopped or not cluster.config.idle_timeout:
+    if not reusable or conn.expecting or cluster.stopped or not cluster.idle_timeout:
         conn.close()
         return
     if cluster in _waiters:
@@ -461,7 +463,7 @@ def release(conn: UpstreamConnection, reusable: bool) -> None:
     conn.pooled = True
     conn.endpoint.idle.append(conn)
     if conn._timer is None:
-        conn._timer = conn.loop.call_later(cluster.config.idle_timeout, conn._idle_check)
+        conn._timer = conn.loop.call_later(cluster.idle_timeout, conn._idle_check)
 
 
 def steal_idle(cluster: Cluster) -> bool:
