@@ -48,6 +48,7 @@ if TYPE_CHECKING:
     from router.metrics import RouterStats
 
 CRLF = b"\r\n"
+_kind_of = KIND_CACHE.get  # one global load and a call per header, no method lookup
 
 
 class UpstreamOwner(Protocol):
@@ -156,6 +157,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def reset_response(self) -> None:
         # Reset here rather than in on_message_begin: one parser callback less per response.
+        # send() has a copy of this inlined: keep the two in step.
         self.status = 0
         self.parts: list[bytes] = []
         self.has_length = False
@@ -281,11 +283,11 @@ class UpstreamConnection(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         if self.status:
             return  # a trailer field after a chunked body: dropped (not forwarded)
-        kind = KIND_CACHE.get(name)
+        kind = _kind_of(name)
         if kind is None:
             kind = header_kind(name)
         if not kind:
-            self.parts.extend((name, SEP, value, CRLF))
+            self.parts += (name, SEP, value, CRLF)
         elif kind == H_CONTENT_LENGTH:
             self.has_length = True
             self.body_left = int(value)  # llhttp has checked it is a number
@@ -378,8 +380,18 @@ class UpstreamConnection(asyncio.Protocol):
         self.expecting = True
         self.got_bytes = False
         self.head_request = head_request
-        if self.status:
-            self.reset_response()
+        if self.status:  # reset_response(), inlined: this runs for every request
+            self.status = 0
+            self.parts = []
+            self.has_length = False
+            self.body_left = 0
+            self.chunked = False
+            self.te_value = b""
+            self.close_delimited = False
+            self.keep_alive = True
+            self.upgrade_value = None
+            self.conn_extra = None
+            self.interim = False
         assert self.transport is not None
         self.transport.write(data)
 

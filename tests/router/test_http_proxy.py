@@ -338,6 +338,14 @@ async def test_http10_client_and_connection_close() -> None:
             assert json.loads((await read_response(reader)).body)["path"] == "/b"
 
         async with raw_client(port) as (reader, writer):
+            # llhttp reads Proxy-Connection as Connection: its keep-alive answer alone does not
+            # tell HTTP/1.0 from HTTP/1.1 here.
+            writer.write(b"GET /c HTTP/1.0\r\nHost: h\r\nProxy-Connection: keep-alive\r\n\r\n")
+            response = await read_response(reader)
+            assert response.header("connection") == "keep-alive"
+            assert json.loads(response.body)["path"] == "/c"
+
+        async with raw_client(port) as (reader, writer):
             writer.write(b"GET /a HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
             response = await read_response(reader)
             assert response.status == 200
@@ -593,6 +601,37 @@ async def test_response_body_in_many_reads_then_connection_reused() -> None:
                 writer.write(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
                 response = await asyncio.wait_for(read_response(reader), 5)
                 assert response.body == b"0123456789abcdefghijABCDEFGHIJ"
+        assert connections == 1
+
+
+async def test_reused_upstream_connection_starts_each_response_afresh() -> None:
+    # What one response set on the upstream connection (chunked framing, names listed in
+    # Connection, Connection: close is not sent) must not carry over to the next one on it.
+    connections = 0
+    responses = (
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nConnection: x-hop\r\nX-Hop: 1\r\n\r\n2\r\nab\r\n0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-Hop: 2\r\n\r\ncd",
+    )
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        for n in range(4):
+            await read_request(reader)
+            writer.write(responses[n % 2])
+
+    async with raw_upstream(handler) as address, running_router(one_cluster(address)) as router:
+        async with raw_client(router.address_of("web")[1]) as (reader, writer):
+            for _ in range(2):
+                writer.write(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+                first = await asyncio.wait_for(read_response(reader), 5)
+                assert first.body == b"ab" and first.header("transfer-encoding") == "chunked"
+                assert first.header("x-hop") is None
+                writer.write(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+                second = await asyncio.wait_for(read_response(reader), 5)
+                assert second.body == b"cd" and second.header("content-length") == "2"
+                assert second.header("transfer-encoding") is None and second.header("x-hop") == "2"
+                assert second.header("connection") is None
         assert connections == 1
 
 
