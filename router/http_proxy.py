@@ -40,6 +40,7 @@ from router.http_headers import (
     H_CONNECTION,
     H_CONTENT_LENGTH,
     H_EXPECT,
+    H_HOP,
     H_HOST,
     H_TRANSFER_ENCODING,
     H_UPGRADE,
@@ -300,6 +301,8 @@ class HttpProxyProtocol(HttpExchange):
                 req.expect_continue = True  # answered by the proxy itself
             else:
                 req.parts.extend((name, SEP, value, CRLF))
+        elif kind == H_HOP:
+            pass  # keep-alive, proxy-connection, te, trailer: never forwarded, xff or not
         elif not self.forwarded:
             req.parts.extend((name, SEP, value, CRLF))
         elif kind == H_XFF:
@@ -311,7 +314,6 @@ class HttpProxyProtocol(HttpExchange):
             req.via = value if req.via is None else req.via + b", " + value
         elif kind == H_XF_PROTO:
             pass  # replaced by ours
-        # else hop-by-hop: keep-alive, proxy-connection, te, trailer are dropped
 
     def on_headers_complete(self) -> None:
         req = self.parsing

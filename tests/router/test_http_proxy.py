@@ -180,10 +180,17 @@ async def test_forwarded_headers_added_and_hop_by_hop_removed_both_ways() -> Non
     seen.clear()
     async with raw_upstream(handler) as address, running_router(one_cluster(address, http={"xff": False})) as router:
         port = router.address_of("web")[1]
-        response = await exchange(port, b"GET / HTTP/1.1\r\nHost: h\r\nX-Forwarded-For: 1.2.3.4\r\n\r\n")
+        response = await exchange(
+            port,
+            b"GET / HTTP/1.1\r\nHost: h\r\nX-Forwarded-For: 1.2.3.4\r\nKeep-Alive: 300\r\n"
+            b"Proxy-Connection: keep-alive\r\nTE: trailers\r\nTrailer: X-T\r\n\r\n",
+        )
         assert response.status == 200
         got = {k.lower(): v for k, v in seen[0]}
         assert got["x-forwarded-for"] == "1.2.3.4"
+        # Hop-by-hop fields are removed whatever the xff setting.
+        for hop in ("keep-alive", "proxy-connection", "te", "trailer"):
+            assert hop not in got, hop
         assert "via" not in got and "x-forwarded-proto" not in got
         assert response.all("via") == ["1.0 origin"]
 
