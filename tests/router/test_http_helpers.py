@@ -12,10 +12,13 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
-from tests.support import Handler, wait_until
+from aiohttp import web
+
+from router.listeners import Router
+from tests.support import Handler, http_upstream, running_router, wait_until
 from tests.support import stream_server as raw_upstream
 
-__all__ = ["Handler", "raw_upstream", "until"]
+__all__ = ["ARRIVED", "PEERS", "Handler", "echo_app", "headers_of", "proxied", "raw_upstream", "until"]
 
 
 async def until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
@@ -176,3 +179,65 @@ def rss_bytes() -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) * 1024
     raise RuntimeError("no VmRSS in /proc/self/status")
+
+
+# -- an aiohttp upstream that describes what it received (moved from test_http_proxy) --
+
+PEERS = web.AppKey("peers", set[Any])
+
+
+ARRIVED = web.AppKey("arrived", asyncio.Event)  # set when a /delay/ request reaches the app
+
+
+def echo_app(name: str = "up") -> web.Application:
+    """Answers with JSON describing the request it got, and a few special paths."""
+    app = web.Application()
+    app[PEERS] = set()
+    app[ARRIVED] = asyncio.Event()
+
+    async def echo(request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        peer = request.transport.get_extra_info("peername") if request.transport else None
+        app[PEERS].add(peer)
+        if request.path.startswith("/delay/"):
+            app[ARRIVED].set()
+            await asyncio.sleep(int(request.path.rsplit("/", 1)[1]) / 1000)
+        if request.path == "/status/204":
+            return web.Response(status=204)
+        if request.path == "/status/304":
+            return web.Response(status=304, headers={"ETag": '"x"'})
+        if request.path == "/chunked":
+            response = web.StreamResponse()
+            response.enable_chunked_encoding()
+            await response.prepare(request)
+            for part in (b"alpha-", b"beta-", b"gamma"):
+                await response.write(part)
+            await response.write_eof()
+            return response
+        info = {
+            "name": name,
+            "method": request.method,
+            "path": request.path,
+            "query": request.query_string,
+            "headers": [[k, v] for k, v in request.headers.items()],
+            "body_len": len(body),
+        }
+        return web.json_response(info)
+
+    app.router.add_route("*", "/{tail:.*}", echo)
+    return app
+
+
+@asynccontextmanager
+async def proxied(app: web.Application, **cluster: Any) -> AsyncIterator[tuple[Router, str]]:
+    """An upstream running ``app`` and a router in front of it; yields (router, base url)."""
+    async with http_upstream(app) as address, running_router(one_cluster(address, **cluster)) as router:
+        host, port = router.address_of("web")
+        yield router, f"http://{host}:{port}"
+
+
+def headers_of(info: dict[str, Any]) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for k, v in info["headers"]:
+        out.setdefault(k.lower(), []).append(v)
+    return out
