@@ -226,3 +226,23 @@ busy_pct() {
         echo 0
     fi
 }
+
+# measure_begin PID: sample the process's CPU and both cores before a measured run.
+measure_begin() {
+    M_T0="$(cpu_ticks "$1")"
+    M_P0="$(core_stat "$CORE_PROXY")"
+    M_L0="$(core_stat "$CORE_LOAD")"
+}
+
+# measure_end PID TARGET CASE OUT: sample again and append the run's row to $RESULTS
+# (target, case, raw output file, proxy CPU %, proxy core busy %, load core busy %).
+measure_end() {
+    local pid=$1 target=$2 case=$3 out=$4 t1 p1 l1 cpu
+    t1="$(cpu_ticks "$pid")"
+    p1="$(core_stat "$CORE_PROXY")"
+    l1="$(core_stat "$CORE_LOAD")"
+    cpu=$(((t1 - M_T0) * 100 / CLK_TCK / DURATION))
+    [[ "$target" == direct ]] && cpu=-
+    printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$target" "$case" "$out" "$cpu" \
+        "$(busy_pct "$M_P0" "$p1")" "$(busy_pct "$M_L0" "$l1")" >>"$RESULTS"
+}

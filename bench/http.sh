@@ -145,7 +145,7 @@ check_responses() {
 
 # measure TARGET PORT PID: warm-up then measured wrk runs for the small and the 1 MiB response.
 measure() {
-    local target="$1" port="$2" pid="$3" case path conns out t0 t1 p0 p1 l0 l1 cpu
+    local target="$1" port="$2" pid="$3" case path conns out
     for case in small large; do
         if [[ "$case" == small ]]; then
             path=/
@@ -160,22 +160,14 @@ measure() {
             taskset -c "$CORE_LOAD" wrk -t1 -c"$conns" -d"${WARMUP}s" "http://127.0.0.1:$port$path" >/dev/null ||
                 { echo "bench: wrk (warm-up) failed against $target" >&2; return 1; }
         fi
-        t0="$(cpu_ticks "$pid")"
-        p0="$(core_stat "$CORE_PROXY")"
-        l0="$(core_stat "$CORE_LOAD")"
+        measure_begin "$pid"
         taskset -c "$CORE_LOAD" wrk -t1 -c"$conns" -d"${DURATION}s" --timeout 5s --latency \
             "http://127.0.0.1:$port$path" >"$out" || {
             echo "bench: wrk failed against $target:" >&2
             cat "$out" >&2
             return 1
         }
-        t1="$(cpu_ticks "$pid")"
-        p1="$(core_stat "$CORE_PROXY")"
-        l1="$(core_stat "$CORE_LOAD")"
-        cpu=$(((t1 - t0) * 100 / CLK_TCK / DURATION))
-        [[ "$target" == direct ]] && cpu=-
-        printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$target" "$case" "$out" "$cpu" \
-            "$(busy_pct "$p0" "$p1")" "$(busy_pct "$l0" "$l1")" >>"$RESULTS"
+        measure_end "$pid" "$target" "$case" "$out"
         check_alive "$pid" "${logname:-$target}" || return 1
     done
 }

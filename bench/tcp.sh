@@ -116,7 +116,7 @@ transfer() {
 
 # measure TARGET PORT PID LOGNAME
 measure() {
-    local target="$1" port="$2" pid="$3" logname="$4" direction out t0 t1 p0 p1 l0 l1 cpu
+    local target="$1" port="$2" pid="$3" logname="$4" direction out
     for direction in $DIRECTIONS; do
         out="$BENCH_TMP/$TOOL-$target-$direction.json"
         log "$target $direction: warm-up ${WARMUP}s, then ${DURATION}s"
@@ -128,22 +128,14 @@ measure() {
                 return 1
             }
         fi
-        t0="$(cpu_ticks "$pid")"
-        p0="$(core_stat "$CORE_PROXY")"
-        l0="$(core_stat "$CORE_LOAD")"
+        measure_begin "$pid"
         transfer "$port" "$DURATION" "$direction" "$out" || {
             echo "bench: $TOOL failed through $target:" >&2
             cat "$out" >&2
             check_alive "$pid" "$logname" || true
             return 1
         }
-        t1="$(cpu_ticks "$pid")"
-        p1="$(core_stat "$CORE_PROXY")"
-        l1="$(core_stat "$CORE_LOAD")"
-        cpu=$(((t1 - t0) * 100 / CLK_TCK / DURATION))
-        [[ "$target" == direct ]] && cpu=-
-        printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$target" "$direction" "$out" "$cpu" \
-            "$(busy_pct "$p0" "$p1")" "$(busy_pct "$l0" "$l1")" >>"$RESULTS"
+        measure_end "$pid" "$target" "$direction" "$out"
         check_alive "$pid" "$logname" || return 1
     done
 }
