@@ -246,3 +246,17 @@ measure_end() {
     printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$target" "$case" "$out" "$cpu" \
         "$(busy_pct "$M_P0" "$p1")" "$(busy_pct "$M_L0" "$l1")" >>"$RESULTS"
 }
+
+# check_targets: every word of $TARGETS is a known target, and pointsman is installed when
+# it is one of them.
+check_targets() {
+    local t
+    for t in $TARGETS; do
+        case "$t" in
+            direct | haproxy | pointsman) ;;
+            *) die "unknown target '$t' in TARGETS (use direct, haproxy, pointsman)" ;;
+        esac
+    done
+    [[ " $TARGETS " == *" pointsman "* ]] && require_pointsman
+    return 0
+}

@@ -20,13 +20,7 @@ CONNS_LARGE="${CONNS_LARGE:-$CONNS}"
 TARGETS="${TARGETS:-direct haproxy pointsman}"
 OUT_DIR="${OUT_DIR:-$REPO_ROOT/bench/out}"
 
-for t in $TARGETS; do
-    case "$t" in
-        direct | haproxy | pointsman) ;;
-        *) die "unknown target '$t' in TARGETS (use direct, haproxy, pointsman)" ;;
-    esac
-done
-[[ " $TARGETS " == *" pointsman "* ]] && require_pointsman
+check_targets
 require_python
 ensure_tools haproxy:haproxy wrk:wrk nginx:nginx-light curl:curl
 bench_init

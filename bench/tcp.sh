@@ -21,12 +21,7 @@ TOOL="${TOOL:-bulk}"
 TARGETS="${TARGETS:-direct haproxy pointsman}"
 OUT_DIR="${OUT_DIR:-$REPO_ROOT/bench/out}"
 
-for t in $TARGETS; do
-    case "$t" in
-        direct | haproxy | pointsman) ;;
-        *) die "unknown target '$t' in TARGETS (use direct, haproxy, pointsman)" ;;
-    esac
-done
+check_targets
 for d in $DIRECTIONS; do
     case "$d" in
         up | down) ;;
@@ -37,7 +32,6 @@ case "$TOOL" in
     bulk | iperf3) ;;
     *) die "unknown TOOL '$TOOL' (use bulk or iperf3)" ;;
 esac
-[[ " $TARGETS " == *" pointsman "* ]] && require_pointsman
 require_python
 ensure_tools haproxy:haproxy curl:curl
 [[ "$TOOL" == iperf3 ]] && ensure_tools iperf3:iperf3
