@@ -257,6 +257,13 @@ class _Decoder:
         self._body_len = -1  # -1: reading a header
         self._skip = 0  # bytes of a raw body still to stream past
         self._failed: str | None = None
+        # Stream offsets, for a proxy that must cut or hold whole messages: ``offset`` counts
+        # every byte fed; ``ends[i]`` is the offset just past the message of the i-th event of
+        # the last feed (for a RawMessage: past its body, which may not have arrived yet).
+        # Messages are contiguous, so a message starts where the previous one ended.
+        self.offset = 0
+        self.ends: list[int] = []
+        self._msg_start = 0  # where the message being read began
 
     @property
     def buffered(self) -> int:
@@ -266,6 +273,14 @@ class _Decoder:
     @property
     def at_boundary(self) -> bool:
         return self._body_len < 0 and not self._buf and not self._skip
+
+    @property
+    def partial_start(self) -> int | None:
+        """Offset where an incomplete message that will be decoded (a partial header, or a
+        body being buffered) began; None at a boundary or while a raw body streams past."""
+        if self._skip or (self._body_len < 0 and not self._buf):
+            return None
+        return self._msg_start
 
     def _set_mode(self, mode: str) -> None:
         if not self.at_boundary:
@@ -284,34 +299,45 @@ class _Decoder:
 
     def _feed(self, data: memoryview) -> list[m.PgMessage]:
         events: list[m.PgMessage] = []
+        ends: list[int] = []
+        self.ends = ends
+        base = self.offset
         pos, end, buf = 0, len(data), self._buf
-        while pos < end:
-            if self._skip:  # streaming a raw body past: no copy
-                k = min(self._skip, end - pos)
-                self._skip -= k
-                pos += k
-            elif self._body_len >= 0:  # buffering a body we decode
-                k = min(self._body_len - len(buf), end - pos)
-                buf += data[pos : pos + k]
-                pos += k
-                if len(buf) == self._body_len:
-                    events.append(self._finish())
-            elif self._mode == _CLOSED:
-                raise ProtocolError("data after a CancelRequest")
-            elif self._mode == _ENCRYPTION and data[pos] in b"SNG":
-                # the one-byte answer to SSLRequest ("S"/"N") or GSSENCRequest ("G"/"N")
-                events.append(m.EncryptionResponse(chr(data[pos])))
-                pos += 1
-                self._mode = _TYPED
-            else:
-                if self._mode == _ENCRYPTION:  # e.g. an ErrorResponse instead of the byte
+        try:
+            while pos < end:
+                if self._skip:  # streaming a raw body past: no copy
+                    k = min(self._skip, end - pos)
+                    self._skip -= k
+                    pos += k
+                elif self._body_len >= 0:  # buffering a body we decode
+                    k = min(self._body_len - len(buf), end - pos)
+                    buf += data[pos : pos + k]
+                    pos += k
+                    if len(buf) == self._body_len:
+                        events.append(self._finish())
+                        ends.append(base + pos)
+                elif self._mode == _CLOSED:
+                    raise ProtocolError("data after a CancelRequest")
+                elif self._mode == _ENCRYPTION and data[pos] in b"SNG":
+                    # the one-byte answer to SSLRequest ("S"/"N") or GSSENCRequest ("G"/"N")
+                    events.append(m.EncryptionResponse(chr(data[pos])))
+                    pos += 1
+                    ends.append(base + pos)
                     self._mode = _TYPED
-                size = 4 if self._mode == _STARTUP else 5
-                k = min(size - len(buf), end - pos)
-                buf += data[pos : pos + k]
-                pos += k
-                if len(buf) == size and (event := self._header()) is not None:
-                    events.append(event)
+                else:
+                    if self._mode == _ENCRYPTION:  # e.g. an ErrorResponse instead of the byte
+                        self._mode = _TYPED
+                    if not buf:
+                        self._msg_start = base + pos
+                    size = 4 if self._mode == _STARTUP else 5
+                    k = min(size - len(buf), end - pos)
+                    buf += data[pos : pos + k]
+                    pos += k
+                    if len(buf) == size and (event := self._header()) is not None:
+                        events.append(event)
+                        ends.append(base + pos + self._skip)
+        finally:
+            self.offset = base + pos
         return events
 
     def _header(self) -> m.PgMessage | None:

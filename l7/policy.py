@@ -134,6 +134,10 @@ class _Rule:
         return when is None or when.contains(now)
 
 
+def _refuses(rule: PolicyRule) -> bool:
+    return rule.action not in ("log", "dry_run", "allow")
+
+
 def _table_matches(pattern: re.Pattern[str], table: str) -> bool:
     name = table.lower()
     return bool(pattern.match(name) or ("." in name and pattern.match(name.rpartition(".")[2])))
@@ -152,25 +156,39 @@ class PolicyEngine:
         if len(set(names)) != len(names):
             raise ValueError("policy names must be unique")
         self._rules = tuple(_Rule(r) for r in rules)
+        self.enforcing = any(_refuses(r) for r in rules)  # some rule can refuse or hold a statement
         self._buckets: dict[tuple[str, str], _Bucket] = {}
 
     def decide(self, statement: Statement, app: str, user: str, database: str, now: float) -> Decision:
         """The decision for one statement at unix time ``now`` (rate-limit tokens are taken)."""
         return self._decide(statement, app, user, database, now, 0, None)
 
-    def decide_many(self, statements: Sequence[Statement], app: str, user: str, database: str, now: float) -> Decision:
+    def decide_many(
+        self,
+        statements: Sequence[Statement],
+        app: str,
+        user: str,
+        database: str,
+        now: float,
+        *,
+        take_tokens: bool = True,
+    ) -> Decision:
         """One decision for a multi-statement string: the server runs it as one unit, so if
         any statement is denied none runs. The result is the first deny (evaluation stops
         there; tokens taken by earlier statements are given back); otherwise delay by the
         longest delay (buckets are reserved, so later statements' delays already include the
         earlier ones'); otherwise allow. ``rule`` is the denying / longest-delaying rule, or
         for allow the first deciding rule. ``observed`` covers every statement evaluated,
-        with its ``index``."""
+        with its ``index``.
+
+        ``take_tokens=False`` asks only whether the statements are denied outright: a rate
+        limit that applies allows without touching its bucket (the extended protocol checks at
+        Parse, and takes the token at each Execute)."""
         journal: _Journal = {}
         observed: list[Observation] = []
         result: Decision | None = None
         for i, st in enumerate(statements):
-            d = self._decide(st, app, user, database, now, i, journal)
+            d = self._decide(st, app, user, database, now, i, journal if take_tokens else None, take_tokens)
             observed.extend(d.observed)
             if d.action == "deny":
                 self._rollback(journal)
@@ -198,10 +216,31 @@ class PolicyEngine:
     def __len__(self) -> int:
         return len(self._rules)
 
+    def enforces_on(self, app: str, user: str, database: str) -> bool:
+        """Whether some deny or rate-limit rule can apply to a session with this identity
+        (whatever its statements and the time): such a session must fail closed."""
+        for rule in self._rules:
+            if not _refuses(rule.config):
+                continue
+            if all(
+                pattern is None or pattern.match(value.lower())
+                for pattern, value in ((rule.apps, app), (rule.users, user), (rule.databases, database))
+            ):
+                return True
+        return False
+
     # -- internals ----------------------------------------------------------------------
 
     def _decide(
-        self, st: Statement, app: str, user: str, database: str, now: float, index: int, journal: _Journal | None
+        self,
+        st: Statement,
+        app: str,
+        user: str,
+        database: str,
+        now: float,
+        index: int,
+        journal: _Journal | None,
+        take_tokens: bool = True,
     ) -> Decision:
         observed: list[Observation] = []
         decider: _Rule | None = None
@@ -225,6 +264,8 @@ class PolicyEngine:
             message = f"statement denied by policy {decider.name!r}"
             return Decision("deny", decider.name, SQLSTATE_DENIED, message, observed=tuple(observed))
         assert isinstance(action, RateLimitAction)
+        if not take_tokens:
+            return Decision("allow", decider.name, observed=tuple(observed))
         return self._take(decider.name, action, app, now, tuple(observed), journal)
 
     def _take(

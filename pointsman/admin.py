@@ -5,6 +5,7 @@ GET  /healthz   200 "ok" while the process runs (liveness)
 GET  /readyz    200 once every component started; 503 while starting or draining
 GET  /config    the effective config, its hash and the file it came from
 GET  /clusters  (router) every cluster and endpoint with health and ejection state
+GET  /sql/stats (router) SQL statements per listener, app and verb: totals, rates, latency
 POST /reload    load the config file again: 200 reloaded/unchanged, 400 with the errors
 
 The admin server is the supervisor's first component: it starts before the others and stops
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
     from pointsman.config import Config
     from pointsman.supervisor import Supervisor
     from router.listeners import Router
+    from router.sql_metrics import SqlStats
 
 log = logging.getLogger("pointsman.admin")
 
@@ -131,3 +133,13 @@ def cluster_routes(router: Router) -> list[web.RouteDef]:
         return web.json_response(router.snapshot())
 
     return [web.get("/clusters", clusters)]
+
+
+def sql_routes(stats: SqlStats) -> list[web.RouteDef]:
+    """``GET /sql/stats``: per listener, app and verb: totals, rates over the last seconds,
+    latency; denials per rule; the classification cache's hit rate."""
+
+    async def sql_stats(request: web.Request) -> web.Response:
+        return web.json_response(stats.snapshot())
+
+    return [web.get("/sql/stats", sql_stats)]

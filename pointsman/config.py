@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from l7.policy_config import PolicyRule
 from pointsman.errors import ConfigError, ConfigProblem
 from router.config import Address, ClusterConfig, ListenerConfig, check_references
 
@@ -35,6 +36,9 @@ class Config(BaseModel):
     admin: AdminConfig = AdminConfig()
     clusters: dict[str, ClusterConfig] = Field(default_factory=dict)
     listeners: list[ListenerConfig] = Field(default_factory=list)
+    policies: list[PolicyRule] = Field(
+        default_factory=list, description="SQL statement policies; a SQL listener lists the ones it applies"
+    )
 
     def digest(self) -> str:
         """A stable hash of the effective config: equal configs have equal digests."""
@@ -78,9 +82,18 @@ def parse_config(data: Any, source: str = "<config>") -> Config:
     except ValidationError as exc:
         problems = [ConfigProblem(format_path(_loc(e)), _reason(e)) for e in exc.errors()]  # type: ignore[arg-type]
         raise ConfigError(source, problems) from None
+    names = [rule.name for rule in config.policies]
     problems = [
-        ConfigProblem(format_path(path), reason) for path, reason in check_references(config.clusters, config.listeners)
+        ConfigProblem(format_path(path), reason)
+        for path, reason in check_references(config.clusters, config.listeners, names)
     ]
+    seen: dict[str, int] = {}
+    for i, name in enumerate(names):
+        if name in seen:
+            problems.append(
+                ConfigProblem(f"policies[{i}].name", f"policy name {name!r} is also used by policies[{seen[name]}]")
+            )
+        seen.setdefault(name, i)
     if problems:
         raise ConfigError(source, problems)
     return config

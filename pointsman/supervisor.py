@@ -89,16 +89,27 @@ class RouterComponent(Component):
 
     def __init__(self, stats: RouterStats) -> None:
         self.router = Router(stats)
+        self._sampler: asyncio.Task[None] | None = None
 
     async def start(self, config: Config) -> None:
-        await self.router.apply(config.clusters, config.listeners)
+        await self.router.apply(config.clusters, config.listeners, config.policies)
+        self._sampler = asyncio.get_running_loop().create_task(self._sample(), name="sql-stats-sampler")
+
+    async def _sample(self) -> None:
+        """Once a second, a sample of the SQL counters: /sql/stats gives rates from these."""
+        while True:
+            self.router.sql_stats.sample()
+            await asyncio.sleep(1.0)
 
     async def reload(self, config: Config) -> None:
         # Router.apply binds new sockets before it changes anything, so an OSError (port
         # taken) leaves the running listeners and clusters as they were.
-        await self.router.apply(config.clusters, config.listeners)
+        await self.router.apply(config.clusters, config.listeners, config.policies)
 
     async def stop(self, deadline: float) -> None:
+        if self._sampler is not None:
+            self._sampler.cancel()
+            await asyncio.gather(self._sampler, return_exceptions=True)
         try:
             await self.router.drain(max(0.0, deadline - time.monotonic()))
         finally:
@@ -112,9 +123,12 @@ class RouterComponent(Component):
         ]
 
     def admin_routes(self) -> list[web.RouteDef]:
-        from pointsman.admin import cluster_routes
+        from pointsman.admin import cluster_routes, sql_routes
 
-        return cluster_routes(self.router)
+        return [*cluster_routes(self.router), *sql_routes(self.router.sql_stats)]
+
+    def collectors(self) -> list[Collector]:
+        return [self.router.sql_stats]
 
 
 class State(enum.Enum):

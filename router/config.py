@@ -10,7 +10,7 @@ the first one.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -259,16 +259,50 @@ class HttpSettings(Strict):
     xff: bool = Field(default=True, description="add X-Forwarded-For/-Proto/-Host and Via")
 
 
+class TlsConfig(Strict):
+    cert: str = Field(description="PEM certificate chain presented to clients")
+    key: str = Field(description="PEM private key of the certificate")
+
+    @model_validator(mode="after")
+    def _readable(self) -> TlsConfig:
+        for what, path in (("cert", self.cert), ("key", self.key)):
+            try:
+                with open(path, "rb"):
+                    pass
+            except OSError as exc:
+                raise ValueError(f"{what}: cannot read {path!r}: {exc.strerror or exc}") from None
+        return self
+
+
+SQL_PROTOCOLS = ("postgres",)
+
+
 class ListenerConfig(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     listen: Address
-    protocol: Literal["http", "tcp"] = "http"
+    protocol: Literal["http", "tcp", "postgres"] = "http"
     routes: list[RouteConfig] | None = None
-    to: str | None = Field(default=None, description="tcp: the cluster to forward to")
+    to: str | None = Field(default=None, description="tcp, postgres: the cluster to forward to")
     http: HttpSettings = HttpSettings()
+    app: str | None = Field(
+        default=None,
+        min_length=1,
+        description="postgres: the client's identity for counting and policy (default: its "
+        "application_name, else its user)",
+    )
+    policies: list[str] = Field(default_factory=list, description="postgres: names of policies[] rules, in order")
+    tls: TlsConfig | None = Field(default=None, description="postgres: terminate client TLS (SSLRequest)")
 
     @model_validator(mode="after")
     def _shape(self) -> ListenerConfig:
+        if self.protocol not in SQL_PROTOCOLS:
+            for key in ("app", "tls"):
+                if getattr(self, key) is not None:
+                    raise ValueError(f"'{key}' is for SQL listeners (protocol: postgres), not {self.protocol}")
+            if self.policies:
+                raise ValueError(f"'policies' is for SQL listeners (protocol: postgres), not {self.protocol}")
+        if len(set(self.policies)) != len(self.policies):
+            raise ValueError("a policy is listed twice in 'policies'")
         if self.protocol == "http":
             if self.to is not None:
                 raise ValueError("an http listener routes with 'routes', not 'to'")
@@ -290,10 +324,12 @@ class ListenerConfig(Strict):
 
 
 def check_references(
-    clusters: dict[str, ClusterConfig], listeners: list[ListenerConfig]
+    clusters: dict[str, ClusterConfig], listeners: list[ListenerConfig], policies: Iterable[str] = ()
 ) -> list[tuple[tuple[str | int, ...], str]]:
-    """Every cross-reference problem as (path, reason)."""
+    """Every cross-reference problem as (path, reason). ``policies``: the rule names defined."""
     problems: list[tuple[tuple[str | int, ...], str]] = []
+    rules = set(policies)
+    rules_known = ", ".join(sorted(rules)) or "none defined"
     known = ", ".join(sorted(clusters)) or "none defined"
     names: dict[str, int] = {}
     addresses: dict[tuple[str, int], int] = {}
@@ -314,6 +350,9 @@ def check_references(
                 )
             )
         addresses.setdefault(listener.listen, i)
+        for j, rule in enumerate(listener.policies):
+            if rule not in rules:
+                problems.append((("listeners", i, "policies", j), f"unknown policy {rule!r} (known: {rules_known})"))
         for path, name in listener.clusters():
             if name not in clusters:
                 problems.append((("listeners", i, *path), f"unknown cluster {name!r} (known: {known})"))

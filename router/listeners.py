@@ -12,14 +12,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Protocol
 
-from router.cluster import Cluster
-from router.config import ClusterConfig, ListenerConfig, format_address
+from l7.pg_filter import PgContext
+from l7.policy import PolicyEngine
+from l7.policy_config import PolicyRule
+from router.cluster import Cluster, Endpoint
+from router.config import SQL_PROTOCOLS, ClusterConfig, ListenerConfig, format_address
 from router.metrics import RouterStats
 from router.routes import RouteTable
+from router.sql_metrics import SqlStats
 
 log = logging.getLogger("pointsman.router")
 
@@ -42,7 +47,11 @@ class ListenerHandle:
         self.name = config.name
         self.stats = stats
         self.table: RouteTable | None = None  # http
-        self.cluster: Cluster | None = None  # tcp
+        self.cluster: Cluster | None = None  # tcp, postgres
+        self.pg: PgContext | None = None  # postgres: counting and policy, swapped on reload
+        self.pg_tls: ssl.SSLContext | None = None
+        self.pg_backends: dict[tuple[int, bytes], Endpoint] = {}  # (pid, key) -> its server
+        self._tasks: set[asyncio.Task[None]] = set()
         self.server: asyncio.Server | None = None
         self.connections: set[Connection] = set()
         self.idle_event = asyncio.Event()
@@ -68,6 +77,11 @@ class ListenerHandle:
             if not self.connections:
                 self.idle_event.set()
 
+    def track(self, task: asyncio.Task[None]) -> None:
+        """Own a short task of a connection (a CancelRequest being forwarded)."""
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
     def same_socket(self, config: ListenerConfig) -> bool:
         return config.listen == self.config.listen and config.protocol == self.config.protocol
 
@@ -79,6 +93,10 @@ class ListenerHandle:
             from router.http_proxy import HttpProxyProtocol
 
             factory = lambda: HttpProxyProtocol(self)  # noqa: E731
+        elif self.config.protocol == "postgres":
+            from router.pg_proxy import PgProxyProtocol
+
+            factory = lambda: PgProxyProtocol(self)  # noqa: E731
         else:
             from router.tcp_proxy import TcpProxyProtocol
 
@@ -108,6 +126,8 @@ class ListenerHandle:
             )
         for conn in list(self.connections):
             conn.abort()
+        for task in list(self._tasks):
+            task.cancel()
         if self.server is not None:
             await self.server.wait_closed()
 
@@ -115,8 +135,9 @@ class ListenerHandle:
 class Router:
     """Owns every listener and cluster of the process."""
 
-    def __init__(self, stats: RouterStats | None = None) -> None:
+    def __init__(self, stats: RouterStats | None = None, sql_stats: SqlStats | None = None) -> None:
         self.stats = stats or RouterStats()
+        self.sql_stats = sql_stats or SqlStats()
         self.clusters: dict[str, Cluster] = {}
         self.listeners: dict[str, ListenerHandle] = {}
         self.stats.clusters_source = self._all_clusters
@@ -126,7 +147,12 @@ class Router:
     def _all_clusters(self) -> Iterator[Cluster]:
         return iter(list(self.clusters.values()))
 
-    async def apply(self, clusters: Mapping[str, ClusterConfig], listeners: Sequence[ListenerConfig]) -> None:
+    async def apply(
+        self,
+        clusters: Mapping[str, ClusterConfig],
+        listeners: Sequence[ListenerConfig],
+        policies: Sequence[PolicyRule] = (),
+    ) -> None:
         """Make the running router match this (already validated) config.
 
         Binding a new listener's socket is the one step that can fail after validation (the
@@ -153,6 +179,12 @@ class Router:
             tables = {
                 c.name: RouteTable.build(c.name, c.routes, new_clusters) for c in listeners if c.routes is not None
             }
+            rules = {rule.name: rule for rule in policies}
+            sql = {
+                c.name: self._sql_context(c, rules, self.listeners.get(c.name))
+                for c in listeners
+                if c.protocol in SQL_PROTOCOLS
+            }
             # 2. Bind new sockets; on failure close what was bound and keep everything else.
             # A listener that moves to an address another one is leaving is bound after
             # the old one closes (step 4), so it is not bound here.
@@ -176,6 +208,7 @@ class Router:
                 handle.config = config
                 handle.table = tables.get(config.name)
                 handle.cluster = new_clusters[config.to] if config.to is not None else None
+                handle.pg, handle.pg_tls = sql.get(config.name, (None, None))
             for cluster in new_clusters.values():
                 cluster.start()
             old_clusters, self.clusters = self.clusters, new_clusters
@@ -196,6 +229,37 @@ class Router:
             for name, cluster in old_clusters.items():
                 if new_clusters.get(name) is not cluster:
                     await cluster.stop()
+
+    def _sql_context(
+        self, config: ListenerConfig, rules: Mapping[str, PolicyRule], old: ListenerHandle | None
+    ) -> tuple[PgContext, ssl.SSLContext | None]:
+        """A SQL listener's counting and policy context. The policy engine (with its token
+        buckets) is kept when the listener's rules are unchanged; TLS files are read here, so
+        a bad certificate refuses the reload before anything changed."""
+        listed = [rules[name] for name in config.policies]
+        engine: PolicyEngine | None = None
+        if old is not None and old.pg is not None and old.pg.engine is not None and old.pg.rules == listed:
+            engine = old.pg.engine
+        elif listed:
+            engine = PolicyEngine(listed)
+        tls: ssl.SSLContext | None = None
+        if config.tls is not None:
+            tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            tls.load_cert_chain(config.tls.cert, config.tls.key)
+        stats = self.sql_stats
+        context = PgContext(
+            listener=config.name,
+            metrics=stats,
+            classifier=stats.classifier,
+            classifier_bs=stats.classifier_bs,
+            engine=engine,
+            rules=listed,
+            app=config.app,
+            tls=tls is not None,
+            clock=time.monotonic,
+            wallclock=time.time,
+        )
+        return context, tls
 
     async def drain(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout

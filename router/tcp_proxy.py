@@ -100,10 +100,20 @@ class TcpProxyProtocol(asyncio.Protocol):
         # room while their connects are in flight and overshoot the limit.
         cluster.connections += 1
         self._slot = True
+        self._accepted(transport, cluster)
+
+    def _accepted(self, transport: asyncio.Transport, cluster: Cluster) -> None:
+        """The client holds a slot of the cluster: connect upstream (protocol-aware
+        subclasses first read something from the client)."""
         # Do not read the client until there is somewhere to put its bytes: the kernel's
         # receive buffer holds them. (On uvloop this call is a no-op inside connection_made,
         # since reading starts right after it returns; data_received pauses instead.)
         transport.pause_reading()
+        self._start_connect(cluster)
+
+    def _start_connect(self, cluster: Cluster) -> None:
+        transport = self.transport
+        assert transport is not None
         key: bytes | None = None
         if cluster.config.balancer == "hash":
             peer = transport.get_extra_info("peername")
@@ -193,7 +203,7 @@ class TcpProxyProtocol(asyncio.Protocol):
             try:
                 async with asyncio.timeout(timeout):
                     await loop.create_connection(
-                        functools.partial(_UpstreamProtocol, self, endpoint), endpoint.host, endpoint.port
+                        functools.partial(self._make_upstream, endpoint), endpoint.host, endpoint.port
                     )
             except (OSError, TimeoutError) as exc:
                 if self._endpoint is endpoint:
@@ -221,6 +231,9 @@ class TcpProxyProtocol(asyncio.Protocol):
         log.debug("listener %s: no endpoint of cluster %s could be reached", self.listener.name, cluster.name)
         if self.transport is not None:
             self.transport.close()
+
+    def _make_upstream(self, endpoint: Endpoint) -> asyncio.Protocol:
+        return _UpstreamProtocol(self, endpoint)
 
     def _connect_done(self, task: asyncio.Task[None]) -> None:
         if not task.cancelled() and task.exception() is not None:

@@ -1,0 +1,581 @@
+"""The PostgreSQL session filter: decoder events in, counting and policy out. Sans-IO.
+
+One :class:`PgSession` per client connection. The proxy around it (router/pg_proxy.py) hands
+it the bytes each side sends (:meth:`PgSession.from_client`, :meth:`PgSession.from_server`)
+and gives it two writers (towards the server, towards the client) and a few hooks
+(:class:`PgHooks`: open the upstream, start TLS, forward a cancel, pause for a rate limit,
+close). Nothing here touches sockets or the event loop, so a test can drive a session with
+byte strings.
+
+Forwarding: bytes go on unchanged, as they arrived, except whole messages that policy
+removes. A message whose verdict is needed (Query, Parse, Execute) is held until it is
+complete and decided; everything else flows at once (:class:`~l7.pg_splice.Splicer`).
+
+Denying without desynchronising client and server. The client must see exactly what a
+server-side error would have produced, and the server's transaction state must match what
+the client believes. So a denied statement is not answered by the proxy; it is *replaced*
+by one that makes the server raise the error itself::
+
+    DO $pointsman$BEGIN RAISE EXCEPTION USING ERRCODE = '42501', MESSAGE = '...'; END$pointsman$
+
+- Simple query: the whole ``Q`` (every statement in it: a multi-statement string runs as one
+  unit) is replaced by that ``DO``. The server answers ErrorResponse + ReadyForQuery; inside a
+  transaction block the transaction is now aborted on the server, as the client expects.
+- Extended query: a denied Parse (or an Execute whose statement is denied now) is replaced
+  by Parse/Bind/Execute of that ``DO`` (unnamed statement and portal), and the client's
+  messages up to its Sync are dropped, as a server skips them after an error. The server's
+  ParseComplete and BindComplete for the substitute are removed from its answer: they are
+  the k-th ParseComplete and j-th BindComplete of that Sync group, k and j counted when the
+  substitute was sent. If an earlier message of the group failed, the server skips the
+  substitute too and nothing needs removing.
+
+Response accounting: each Query, and each run of extended messages up to a Sync, is a
+:class:`_Unit` in a FIFO that the server's answers consume in order; ReadyForQuery ends the
+head unit. A unit lists the statements it sent (verb and send time), so CommandComplete
+gives the statement's latency.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from l7 import pg_messages as m
+from l7.classify import SqlClassifier
+from l7.errors import ProtocolError
+from l7.model import Statement
+from l7.pg_decoder import PgBackendDecoder, PgFrontendDecoder, build_message
+from l7.pg_splice import Splicer
+from l7.policy import Decision, PolicyEngine, policy_log_line
+from l7.policy_config import PolicyRule
+from l7.sql_session import PreparedStatements
+
+log = logging.getLogger("pointsman.sql")
+policy_log = logging.getLogger("pointsman.sql.policy")
+
+OTHER = Statement("OTHER")
+
+
+class Counter(Protocol):
+    def inc(self, key: tuple[str, ...], amount: float = 1) -> None: ...
+
+
+class Histogram(Protocol):
+    def observe(self, key: tuple[str, ...], value: float) -> None: ...
+
+
+class SqlMetrics(Protocol):
+    """Where a session counts (read-only members; label keys given per member)."""
+
+    @property
+    def statements(self) -> Counter: ...  # listener, app, database, verb
+
+    @property
+    def durations(self) -> Histogram: ...  # listener, app, verb
+
+    @property
+    def denied(self) -> Counter: ...  # listener, app, rule
+
+    @property
+    def delayed(self) -> Counter: ...  # listener, app, rule
+
+    @property
+    def errors(self) -> Counter: ...  # listener, app, sqlstate_class
+
+    @property
+    def transactions(self) -> Counter: ...  # listener, app, outcome (committed | rolled_back)
+
+    @property
+    def sessions(self) -> Counter: ...  # listener, app
+
+    @property
+    def active(self) -> Counter: ...  # listener, app (incremented and decremented)
+
+    @property
+    def policy_matches(self) -> Counter: ...  # rule, action
+
+    @property
+    def decode_errors(self) -> Counter: ...  # listener, side (client | server)
+
+
+class PgHooks(Protocol):
+    """What the session asks of the proxy around it."""
+
+    def connect_upstream(self) -> None:
+        """The startup packet arrived: open the server connection (bytes written to the
+        server before it is open are queued by the proxy)."""
+
+    def start_tls(self) -> None:
+        """``S`` was written to the client: wrap the client connection in TLS. Bytes that
+        arrive after it are decrypted before :meth:`PgSession.from_client` sees them."""
+
+    def cancel(self, pid: int, secret: bytes, raw: bytes) -> None:
+        """A CancelRequest: send ``raw`` to the server that owns backend ``pid``, then close."""
+
+    def backend_key(self, pid: int, secret: bytes) -> None:
+        """The server named this session's backend (for routing a later CancelRequest)."""
+
+    def pause(self, seconds: float) -> None:
+        """Stop reading the client and call :meth:`PgSession.resume` after ``seconds``."""
+
+    def close(self, reason: str) -> None:
+        """Close both sides now."""
+
+
+@dataclass
+class PgContext:
+    """Per listener, swapped whole on reload; a session reads the current one per message."""
+
+    listener: str
+    metrics: SqlMetrics
+    classifier: SqlClassifier
+    classifier_bs: SqlClassifier  # for sessions with standard_conforming_strings = off
+    engine: PolicyEngine | None = None
+    rules: list[PolicyRule] = field(default_factory=list)  # what the engine was built from
+    app: str | None = None  # the listener's fixed identity (sidecar use)
+    tls: bool = False  # answer SSLRequest with S and terminate TLS
+    clock: Callable[[], float] = field(default=lambda: 0.0)  # monotonic, for latencies
+    wallclock: Callable[[], float] = field(default=lambda: 0.0)  # unix time, for windows
+
+
+class _Unit:
+    """The server's answer to one Query, or to extended messages up to a Sync."""
+
+    __slots__ = ("binds", "errored", "parses", "seen_binds", "seen_parses", "stmts", "suppress")
+
+    def __init__(self) -> None:
+        self.stmts: deque[tuple[str, float]] = deque()  # (verb, sent at), in order
+        self.parses = 0  # Parse messages sent to the server in this unit
+        self.binds = 0
+        self.seen_parses = 0  # ParseComplete / BindComplete received
+        self.seen_binds = 0
+        self.suppress: list[tuple[int, int]] = []  # (k-th ParseComplete, j-th BindComplete) to drop
+        self.errored = False
+
+
+def raise_statement(sqlstate: str, message: str) -> str:
+    """SQL that makes the server raise ``message`` with ``sqlstate``. The message is reduced
+    to characters that cannot end the literal or the dollar quote."""
+    text = "".join(c for c in message if c.isprintable() and c not in "\\$").replace("'", "''")
+    state = "".join(c for c in sqlstate if c.isalnum())[:5]
+    return f"DO $pointsman$BEGIN RAISE EXCEPTION USING ERRCODE = '{state}', MESSAGE = '{text}'; END$pointsman$"
+
+
+def _extended_substitute(sql: str) -> bytes:
+    # Parse (unnamed, no parameter types), Bind (unnamed portal/statement, no params, no
+    # result formats), Execute (unnamed portal, all rows).
+    return (
+        build_message(b"P", b"\0" + sql.encode() + b"\0" + b"\0\0")
+        + build_message(b"B", b"\0\0" + b"\0\0" + b"\0\0" + b"\0\0")
+        + build_message(b"E", b"\0" + b"\0\0\0\0")
+    )
+
+
+class PgSession:
+    """One client connection's view of the protocol: identity, statements, policy."""
+
+    def __init__(
+        self,
+        context: Callable[[], PgContext],
+        to_server: Callable[[bytes], object],
+        to_client: Callable[[bytes], object],
+        hooks: PgHooks,
+    ) -> None:
+        self._context = context
+        self.ctx = context()
+        self.to_server = to_server
+        self.to_client = to_client
+        self.hooks = hooks
+        self._fdec = PgFrontendDecoder()
+        self._bdec = PgBackendDecoder()
+        self._out = Splicer(to_server)  # client -> server
+        self._back = Splicer(to_client)  # server -> client, used only while cutting
+        self._queue: deque[tuple[m.PgMessage, int]] = deque()  # decoded, not yet handled
+        self._paused = False  # waiting for a rate-limit delay
+        self._released: Decision | None = None  # the delayed message's decision, on resume
+        self._passthrough = False
+        self._closed = False
+        self.started = False  # the startup packet was seen
+        self.ready = False  # the first ReadyForQuery was seen
+        self.user = ""
+        self.database = ""
+        self.app = ""
+        self.status = "I"  # transaction status from the last ReadyForQuery
+        self.prepared = PreparedStatements()  # SQL PREPARE and protocol Parse names
+        self._portals: dict[str, str] = {}  # portal -> statement name
+        self._parsed: dict[str, list[Statement]] = {}  # protocol statement -> classification
+        self._units: deque[_Unit] = deque()
+        self._open: _Unit | None = None  # extended messages since the last Sync
+        self._discard = False  # dropping client messages until Sync (after a deny)
+        self._cutting = 0  # units with suppressions outstanding
+        self._backslash = False  # standard_conforming_strings = off
+        self._keys: dict[str, tuple[str, ...]] = {}  # verb -> statements label key
+        self._pending_stmts: Sequence[Statement] = ()  # of the message held for a delay
+        self._ended = False
+
+    # -- client → server ---------------------------------------------------------------------
+
+    def from_client(self, data: bytes) -> None:
+        if self._passthrough:
+            self.to_server(data)
+            return
+        self._out.add(data)
+        try:
+            events = self._fdec.feed(data)
+        except ProtocolError as exc:
+            self._decode_failed("client", exc)
+            return
+        if events:
+            self._queue.extend(zip(events, self._fdec.ends, strict=True))
+        self._pump()
+
+    def resume(self) -> None:
+        """The rate-limit delay is over: send the held statement, go on with the rest."""
+        self._paused = False
+        if not self._closed:
+            self._pump()
+
+    def _pump(self) -> None:
+        queue, out = self._queue, self._out
+        self.ctx = self._context()
+        while queue and not self._paused:
+            event, end = queue[0]
+            verdict = self._client_event(event, end)
+            if verdict is None:  # pause (or close): the message stays at the head
+                return
+            queue.popleft()
+            if verdict is _FORWARD:
+                out.forward_to(end)
+            elif verdict is _DROP:
+                out.drop_to(end)
+            else:  # a replacement
+                out.drop_to(end)
+                self.to_server(verdict)
+            if self._closed:
+                return
+        partial = self._fdec.partial_start
+        out.forward_to(out.received if partial is None else partial)
+
+    def _client_event(self, ev: m.PgMessage, end: int) -> bytes | None:
+        """The fate of one client message: _FORWARD, _DROP, replacement bytes, or None to
+        stop here (paused for a delay, or closed)."""
+        if self._discard:
+            if isinstance(ev, m.Sync):
+                self._discard = False
+                self._open = None
+                return _FORWARD
+            return _FORWARD if isinstance(ev, m.Flush) else _DROP
+        cls = type(ev)
+        if cls is m.Query:
+            return self._query(ev)  # type: ignore[arg-type]
+        if cls is m.Bind:
+            unit = self._unit()
+            unit.binds += 1
+            self._portals[ev.portal] = ev.statement  # type: ignore[attr-defined]
+            return _FORWARD
+        if cls is m.Execute:
+            return self._execute(ev)  # type: ignore[arg-type]
+        if cls is m.Parse:
+            return self._parse(ev)  # type: ignore[arg-type]
+        if cls is m.Sync:
+            self._unit()
+            self._open = None
+            return _FORWARD
+        if cls is m.Describe or cls is m.Flush:
+            self._unit()
+            return _FORWARD
+        if cls is m.Close:
+            self._unit()
+            if ev.kind == "S":  # type: ignore[attr-defined]
+                self._parsed.pop(ev.name, None)  # type: ignore[attr-defined]
+            else:
+                self._portals.pop(ev.name, None)  # type: ignore[attr-defined]
+            return _FORWARD
+        if cls is m.RawMessage:
+            if ev.type == "F":  # type: ignore[attr-defined]  # FunctionCall: answered, then ReadyForQuery
+                self._open = None
+                self._units.append(_Unit())
+            return _FORWARD
+        return self._startup_event(ev, end)
+
+    def _startup_event(self, ev: m.PgMessage, end: int) -> bytes | None:
+        if isinstance(ev, m.StartupMessage):
+            params = ev.params
+            self.user = params.get("user", "")
+            self.database = params.get("database", self.user)
+            self.app = self.ctx.app or params.get("application_name") or self.user
+            self.started = True
+            self.ctx.metrics.sessions.inc((self.ctx.listener, self.app))
+            self.ctx.metrics.active.inc((self.ctx.listener, self.app))
+            self.hooks.connect_upstream()
+            return _FORWARD
+        if isinstance(ev, m.SSLRequest):
+            if end != self._out.received:
+                # Bytes after an SSLRequest would be read in clear although the client
+                # believes they are encrypted (CVE-2021-23214): refuse.
+                self._decode_failed("client", ProtocolError("data after SSLRequest"))
+                return None
+            if self.ctx.tls:
+                self.to_client(b"S")
+                self.hooks.start_tls()
+            else:
+                self.to_client(b"N")
+            return _DROP
+        if isinstance(ev, m.GSSENCRequest):
+            self.to_client(b"N")  # no GSSAPI encryption: the client goes on in clear or asks for SSL
+            return _DROP
+        if isinstance(ev, m.CancelRequest):
+            raw = (16).to_bytes(4, "big") + (80877102).to_bytes(4, "big") + ev.pid.to_bytes(4, "big", signed=True)
+            self.hooks.cancel(ev.pid, ev.secret, raw + ev.secret)
+            self._closed = True
+            return _DROP
+        return _FORWARD  # Terminate, CopyDone, CopyFail, and raw bodies (CopyData, passwords)
+
+    def _unit(self) -> _Unit:
+        unit = self._open
+        if unit is None:
+            unit = self._open = _Unit()
+            self._units.append(unit)
+        return unit
+
+    def _classify(self, sql: str) -> list[Statement]:
+        ctx = self.ctx
+        clf = ctx.classifier_bs if self._backslash else ctx.classifier
+        try:
+            return self.prepared.observe(clf.classify(sql))
+        except Exception:  # a classifier bug must not take the connection down
+            log.exception("listener %s: classifier failed", ctx.listener)
+            return [OTHER]
+
+    def _decide(self, stmts: Sequence[Statement], *, take_tokens: bool = True) -> Decision | None:
+        engine = self.ctx.engine
+        if engine is None or not stmts:
+            return None
+        d = engine.decide_many(stmts, self.app, self.user, self.database, self.ctx.wallclock(), take_tokens=take_tokens)
+        if d.observed:
+            self._observed(d, stmts)
+        if d.rule is not None and (take_tokens or d.action == "deny"):
+            self.ctx.metrics.policy_matches.inc((d.rule, d.action))
+        return d
+
+    def _observed(self, d: Decision, stmts: Sequence[Statement]) -> None:
+        matches = self.ctx.metrics.policy_matches
+        for ob in d.observed:
+            matches.inc((ob.rule, ob.action))
+            st = stmts[ob.index] if ob.index < len(stmts) else OTHER
+            policy_log.info(policy_log_line(ob, st, self.app, self.user, self.database))
+
+    def _refuse(self, d: Decision) -> str:
+        ctx = self.ctx
+        assert d.rule is not None
+        ctx.metrics.denied.inc((ctx.listener, self.app, d.rule))
+        policy_log.info(
+            json.dumps(
+                {"app": self.app, "user": self.user, "database": self.database, "rule": d.rule, "decision": "deny"},
+                sort_keys=True,
+                separators=(",", ":"),
+            )
+        )
+        return raise_statement(d.sqlstate or "42501", d.message or f"denied by policy {d.rule!r}")
+
+    def _delay(self, d: Decision) -> None:
+        ctx = self.ctx
+        ctx.metrics.delayed.inc((ctx.listener, self.app, d.rule or ""))
+        self._paused = True
+        self.hooks.pause(d.delay)
+
+    def _count(self, stmts: Sequence[Statement], unit: _Unit) -> None:
+        ctx = self.ctx
+        now = ctx.clock()
+        keys = self._keys
+        counter = ctx.metrics.statements
+        for st in stmts:
+            verb = st.verb
+            key = keys.get(verb)
+            if key is None:
+                key = keys[verb] = (ctx.listener, self.app, self.database, verb)
+            counter.inc(key)
+            unit.stmts.append((verb, now))
+
+    def _query(self, ev: m.Query) -> bytes | None:
+        self._open = None  # a Query ends any extended run (the server would process it)
+        if self._released is not None:
+            d: Decision | None = self._released
+            self._released = None
+            stmts = self._pending_stmts
+        else:
+            stmts = self._classify(ev.text)
+            d = self._decide(stmts)
+            if d is not None and d.action == "delay":
+                self._pending_stmts = stmts
+                self._released = d
+                self._delay(d)
+                return None
+        unit = _Unit()
+        self._units.append(unit)
+        if d is not None and d.action == "deny":
+            return build_message(b"Q", self._refuse(d).encode() + b"\0")
+        self._count(stmts, unit)
+        return _FORWARD
+
+    def _parse(self, ev: m.Parse) -> bytes | None:
+        unit = self._unit()
+        stmts = self._classify(ev.query)
+        d = self._decide(stmts, take_tokens=False)
+        if d is not None and d.action == "deny":
+            return self._substitute(unit, d)
+        self._parsed[ev.statement] = stmts
+        unit.parses += 1
+        return _FORWARD
+
+    def _execute(self, ev: m.Execute) -> bytes | None:
+        unit = self._unit()
+        if self._released is not None:
+            d: Decision | None = self._released
+            self._released = None
+            stmts = self._pending_stmts
+        else:
+            stmts = self._parsed.get(self._portals.get(ev.portal, ""), [OTHER])
+            d = self._decide(stmts)
+            if d is not None and d.action == "delay":
+                self._pending_stmts = stmts
+                self._released = d
+                self._delay(d)
+                return None
+        if d is not None and d.action == "deny":
+            return self._substitute(unit, d)
+        self._count(stmts, unit)
+        return _FORWARD
+
+    def _substitute(self, unit: _Unit, d: Decision) -> bytes:
+        unit.suppress.append((unit.parses + 1, unit.binds + 1))
+        unit.parses += 1
+        unit.binds += 1
+        self._cutting += 1
+        self._discard = True
+        return _extended_substitute(self._refuse(d))
+
+    # -- server → client -----------------------------------------------------------------------
+
+    def from_server(self, data: bytes) -> None:
+        if self._passthrough:
+            self.to_client(data)
+            return
+        try:
+            events = self._bdec.feed(data)
+        except ProtocolError as exc:
+            self._decode_failed("server", exc)
+            self.to_client(data)
+            return
+        back = self._back
+        if not self._cutting and not back.pending:
+            for ev in events:
+                self._server_event(ev)
+            back.skip(len(data))
+            self.to_client(data)
+            return
+        back.add(data)
+        for ev, end in zip(events, self._bdec.ends, strict=True):
+            if self._server_event(ev):
+                back.drop_to(end)
+            else:
+                back.forward_to(end)
+        partial = self._bdec.partial_start
+        back.forward_to(back.received if partial is None or not self._cutting else partial)
+
+    def _server_event(self, ev: m.PgMessage) -> bool:
+        """Account for one server message; True if it must not reach the client."""
+        cls = type(ev)
+        if cls is m.RawMessage:
+            return False
+        units = self._units
+        if cls is m.CommandComplete:
+            if units and units[0].stmts:
+                verb, sent = units[0].stmts.popleft()
+                ctx = self.ctx
+                ctx.metrics.durations.observe((ctx.listener, self.app, verb), ctx.clock() - sent)
+            tag = ev.tag  # type: ignore[attr-defined]
+            if tag == "COMMIT" or tag == "ROLLBACK":
+                outcome = "committed" if tag == "COMMIT" else "rolled_back"
+                self.ctx.metrics.transactions.inc((self.ctx.listener, self.app, outcome))
+            return False
+        if cls is m.ReadyForQuery:
+            self.status = ev.status  # type: ignore[attr-defined]
+            if not self.ready:
+                self.ready = True
+            elif units:
+                unit = units.popleft()
+                if unit.suppress:
+                    self._cutting -= 1
+            return False
+        if cls is m.ParseComplete or cls is m.BindComplete:
+            if not units:
+                return False
+            unit = units[0]
+            if cls is m.ParseComplete:
+                unit.seen_parses += 1
+                return bool(unit.suppress) and unit.seen_parses == unit.suppress[0][0]
+            unit.seen_binds += 1
+            if unit.suppress and unit.seen_binds == unit.suppress[0][1]:
+                unit.suppress.pop(0)
+                if not unit.suppress:
+                    self._cutting -= 1
+                return True
+            return False
+        if cls is m.ErrorResponse:
+            code = ev.code  # type: ignore[attr-defined]
+            self.ctx.metrics.errors.inc((self.ctx.listener, self.app, code[:2] or "??"))
+            if units:
+                unit = units[0]
+                unit.stmts.clear()  # the rest of the unit does not run
+                if unit.suppress and not unit.errored:
+                    self._cutting -= 1
+                unit.suppress.clear()
+                unit.errored = True
+            return False
+        if cls is m.EmptyQueryResponse or cls is m.PortalSuspended:
+            if units and units[0].stmts:
+                units[0].stmts.popleft()
+            return False
+        if cls is m.ParameterStatus:
+            if ev.name == "standard_conforming_strings":  # type: ignore[attr-defined]
+                self._backslash = ev.value == "off"  # type: ignore[attr-defined]
+            return False
+        if cls is m.BackendKeyData:
+            self.hooks.backend_key(ev.pid, ev.secret)  # type: ignore[attr-defined]
+        return False
+
+    # -- failure and end -----------------------------------------------------------------------
+
+    def _decode_failed(self, side: str, exc: ProtocolError) -> None:
+        ctx = self.ctx
+        ctx.metrics.decode_errors.inc((ctx.listener, side))
+        if not self.started or (ctx.engine is not None and ctx.engine.enforces_on(self.app, self.user, self.database)):
+            log.warning("listener %s: %s sent bytes the decoder cannot follow (%s): closing", ctx.listener, side, exc)
+            self._closed = True
+            self.hooks.close(f"undecodable {side} bytes: {exc}")
+            return
+        log.info("listener %s: %s sent bytes the decoder cannot follow (%s): forwarding blind", ctx.listener, side, exc)
+        self._passthrough = True
+        self._queue.clear()
+        self._out.forward_all()
+        self._back.forward_all()
+
+    def end(self) -> None:
+        """The connection is gone."""
+        if self.started and not self._ended:
+            self._ended = True
+            self.ctx.metrics.active.inc((self.ctx.listener, self.app), -1)
+        self._closed = True
+
+
+class _Marker(bytes):
+    pass
+
+
+_FORWARD = _Marker(b"forward")
+_DROP = _Marker(b"drop")

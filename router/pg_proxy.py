@@ -1,0 +1,197 @@
+"""PostgreSQL listener: a TCP session with the l7 session filter in both directions.
+
+Data flow::
+
+    client ──► PgProxyProtocol.data_received ──► PgSession.from_client ──► upstream transport
+    client ◄── PgSession.from_server ◄── _PgUpstreamProtocol.data_received ◄── server
+
+Differences from a plain TCP session (router/tcp_proxy.py, which this extends):
+
+- The upstream is opened only once the client's first packet is known: a StartupMessage
+  goes to an endpoint the balancer picks; a CancelRequest must reach the server that runs the
+  backend it names, so it is sent to the endpoint recorded for that (pid, key) when the
+  session began (``ListenerHandle.pg_backends``), over a connection of its own.
+- SSLRequest is answered here: ``N`` without ``tls`` (an ``sslmode=prefer`` client goes on in
+  clear), ``S`` and a TLS handshake with it; the server is spoken to in clear.
+- Policy can hold a statement (rate limit with ``over: delay``): the client is not read until
+  the delay is over, so its later statements queue behind, in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from typing import TYPE_CHECKING, cast
+
+from l7.pg_filter import PgContext, PgSession
+from router.cluster import Cluster, Endpoint
+from router.tcp_proxy import TcpProxyProtocol, _UpstreamProtocol
+
+if TYPE_CHECKING:
+    from router.listeners import ListenerHandle
+
+log = logging.getLogger("pointsman.router.pg")
+
+
+class PgProxyProtocol(TcpProxyProtocol):
+    """The client side of a PostgreSQL session."""
+
+    __slots__ = ("_backend", "_delay", "_tls_task", "session")
+
+    def __init__(self, listener: ListenerHandle) -> None:
+        super().__init__(listener)
+        self.session: PgSession | None = None
+        self._backend: tuple[int, bytes] | None = None
+        self._delay: asyncio.TimerHandle | None = None
+        self._tls_task: asyncio.Task[None] | None = None
+
+    def _context(self) -> PgContext:
+        ctx = self.listener.pg
+        assert ctx is not None
+        return ctx
+
+    def _accepted(self, transport: asyncio.Transport, cluster: Cluster) -> None:
+        # Read the first packet before connecting: it says where to connect (or not at all).
+        self.session = PgSession(self._context, self._to_server, self._to_client, self)
+
+    # -- bytes ------------------------------------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        session = self.session
+        if session is None:
+            return
+        session.from_client(data)
+
+    def _to_server(self, data: bytes) -> None:
+        up = self._up_transport
+        if up is None:
+            self._pending.append(data)  # connecting: _adopt flushes these
+            return
+        up.write(data)
+        self._bytes.inc(self._bytes_key, len(data))
+
+    def _to_client(self, data: bytes) -> None:
+        if self.transport is not None:
+            self.transport.write(data)
+
+    def _make_upstream(self, endpoint: Endpoint) -> asyncio.Protocol:
+        return _PgUpstreamProtocol(self, endpoint)
+
+    # -- PgHooks --------------------------------------------------------------------------------
+
+    def connect_upstream(self) -> None:
+        cluster = self._cluster
+        if cluster is not None and self._connect_task is None:
+            self._start_connect(cluster)
+
+    def start_tls(self) -> None:
+        context = self.listener.pg_tls
+        if context is None or self.transport is None:
+            self.close("TLS is not configured")
+            return
+        self.transport.pause_reading()
+        self._tls_task = asyncio.get_running_loop().create_task(self._handshake(context), name="pg-tls")
+
+    async def _handshake(self, context: ssl.SSLContext) -> None:
+        transport = self.transport
+        assert transport is not None
+        loop = asyncio.get_running_loop()
+        try:
+            new = await loop.start_tls(transport, self, context, server_side=True, ssl_handshake_timeout=10.0)
+        except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
+            log.info("listener %s: TLS handshake failed: %s", self.listener.name, exc)
+            transport.abort()
+            return
+        if new is None:
+            transport.abort()
+            return
+        self.transport = cast(asyncio.Transport, new)
+
+    def cancel(self, pid: int, secret: bytes, raw: bytes) -> None:
+        endpoint = self.listener.pg_backends.get((pid, secret))
+        transport = self.transport
+        if transport is not None:
+            transport.close()
+        if endpoint is None:
+            log.debug("listener %s: CancelRequest for an unknown backend %d", self.listener.name, pid)
+            return
+        task = asyncio.get_running_loop().create_task(_send_cancel(endpoint, raw), name="pg-cancel")
+        self.listener.track(task)
+
+    def backend_key(self, pid: int, secret: bytes) -> None:
+        endpoint = self._endpoint
+        if endpoint is not None:
+            self._backend = (pid, secret)
+            self.listener.pg_backends[self._backend] = endpoint
+
+    def pause(self, seconds: float) -> None:
+        transport = self.transport
+        if transport is None:
+            return
+        transport.pause_reading()
+        self._delay = asyncio.get_running_loop().call_later(seconds, self._resume)
+
+    def _resume(self) -> None:
+        self._delay = None
+        session = self.session
+        if session is None or self.transport is None or self.transport.is_closing():
+            return
+        self.transport.resume_reading()
+        session.resume()
+
+    def close(self, reason: str) -> None:
+        log.debug("listener %s: closing a session: %s", self.listener.name, reason)
+        if self._up_transport is not None:
+            self._up_transport.close()
+        if self.transport is not None:
+            self.transport.close()
+
+    # -- end ----------------------------------------------------------------------------------------
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._delay is not None:
+            self._delay.cancel()
+            self._delay = None
+        if self._tls_task is not None and not self._tls_task.done():
+            self._tls_task.cancel()
+        if self.session is not None:
+            self.session.end()
+        if self._backend is not None:
+            self.listener.pg_backends.pop(self._backend, None)
+            self._backend = None
+        super().connection_lost(exc)
+
+    def _upstream_lost(self, up: _UpstreamProtocol) -> None:
+        if self._backend is not None:
+            self.listener.pg_backends.pop(self._backend, None)
+            self._backend = None
+        super()._upstream_lost(up)
+
+
+class _PgUpstreamProtocol(_UpstreamProtocol):
+    """The server side: every chunk goes through the session filter."""
+
+    __slots__ = ("pg",)
+
+    def __init__(self, session: PgProxyProtocol, endpoint: Endpoint) -> None:
+        super().__init__(session, endpoint)
+        assert session.session is not None
+        self.pg = session.session
+
+    def data_received(self, data: bytes) -> None:
+        self.pg.from_server(data)
+        self.bytes.inc(self.bytes_key, len(data))
+
+
+async def _send_cancel(endpoint: Endpoint, raw: bytes) -> None:
+    """A CancelRequest is a connection of its own: send the 16 bytes, the server closes."""
+    try:
+        async with asyncio.timeout(5.0):
+            reader, writer = await asyncio.open_connection(endpoint.host, endpoint.port)
+            writer.write(raw)
+            await writer.drain()
+            await reader.read()  # the server closes without answering
+            writer.close()
+    except (OSError, TimeoutError) as exc:
+        log.info("cancel request to %s failed: %s", endpoint.key, exc)
