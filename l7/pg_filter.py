@@ -145,7 +145,7 @@ class PgContext:
 class _Unit:
     """The server's answer to one Query, or to extended messages up to a Sync."""
 
-    __slots__ = ("binds", "errored", "parses", "seen_binds", "seen_parses", "stmts", "suppress")
+    __slots__ = ("binds", "cuts", "errored", "parses", "refusal", "seen_binds", "seen_parses", "stmts", "suppress")
 
     def __init__(self) -> None:
         self.stmts: deque[tuple[str, float]] = deque()  # (verb, sent at), in order
@@ -155,14 +155,19 @@ class _Unit:
         self.seen_binds = 0
         self.suppress: list[tuple[int, int]] = []  # (k-th ParseComplete, j-th BindComplete) to drop
         self.errored = False
+        self.cuts = False  # a substitute was sent: the answer goes through the splicer
+        self.refusal: str | None = None  # the message our substitute raises (its error is tidied)
 
 
-def raise_statement(sqlstate: str, message: str) -> str:
-    """SQL that makes the server raise ``message`` with ``sqlstate``. The message is reduced
-    to characters that cannot end the literal or the dollar quote."""
-    text = "".join(c for c in message if c.isprintable() and c not in "\\$").replace("'", "''")
+def raise_statement(sqlstate: str, message: str) -> tuple[str, str]:
+    """SQL that makes the server raise ``message`` with ``sqlstate``, and the message as the
+    server will report it. The message is reduced to characters that cannot end the literal
+    or the dollar quote."""
+    text = "".join(c for c in message if c.isprintable() and c not in "\\$")
     state = "".join(c for c in sqlstate if c.isalnum())[:5]
-    return f"DO $pointsman$BEGIN RAISE EXCEPTION USING ERRCODE = '{state}', MESSAGE = '{text}'; END$pointsman$"
+    quoted = text.replace("'", "''")
+    sql = f"DO $pointsman$BEGIN RAISE EXCEPTION USING ERRCODE = '{state}', MESSAGE = '{quoted}'; END$pointsman$"
+    return sql, text
 
 
 def _extended_substitute(sql: str) -> bytes:
@@ -211,7 +216,7 @@ class PgSession:
         self._units: deque[_Unit] = deque()
         self._open: _Unit | None = None  # extended messages since the last Sync
         self._discard = False  # dropping client messages until Sync (after a deny)
-        self._cutting = 0  # units with suppressions outstanding
+        self._cutting = 0  # units in the FIFO whose answers may need cutting
         self._backslash = False  # standard_conforming_strings = off
         self._keys: dict[str, tuple[str, ...]] = {}  # verb -> statements label key
         self._pending_stmts: Sequence[Statement] = ()  # of the message held for a delay
@@ -369,9 +374,13 @@ class PgSession:
             st = stmts[ob.index] if ob.index < len(stmts) else OTHER
             policy_log.info(policy_log_line(ob, st, self.app, self.user, self.database))
 
-    def _refuse(self, d: Decision) -> str:
+    def _refuse(self, d: Decision, unit: _Unit) -> str:
+        """Count a refusal; the SQL that makes the server raise it in ``unit``."""
         ctx = self.ctx
         assert d.rule is not None
+        if not unit.cuts:
+            unit.cuts = True
+            self._cutting += 1
         ctx.metrics.denied.inc((ctx.listener, self.app, d.rule))
         policy_log.info(
             json.dumps(
@@ -380,7 +389,8 @@ class PgSession:
                 separators=(",", ":"),
             )
         )
-        return raise_statement(d.sqlstate or "42501", d.message or f"denied by policy {d.rule!r}")
+        sql, unit.refusal = raise_statement(d.sqlstate or "42501", d.message or f"denied by policy {d.rule!r}")
+        return sql
 
     def _delay(self, d: Decision) -> None:
         ctx = self.ctx
@@ -418,7 +428,7 @@ class PgSession:
         unit = _Unit()
         self._units.append(unit)
         if d is not None and d.action == "deny":
-            return build_message(b"Q", self._refuse(d).encode() + b"\0")
+            return build_message(b"Q", self._refuse(d, unit).encode() + b"\0")
         self._count(stmts, unit)
         return _FORWARD
 
@@ -455,9 +465,8 @@ class PgSession:
         unit.suppress.append((unit.parses + 1, unit.binds + 1))
         unit.parses += 1
         unit.binds += 1
-        self._cutting += 1
         self._discard = True
-        return _extended_substitute(self._refuse(d))
+        return _extended_substitute(self._refuse(d, unit))
 
     # -- server → client -----------------------------------------------------------------------
 
@@ -480,15 +489,19 @@ class PgSession:
             return
         back.add(data)
         for ev, end in zip(events, self._bdec.ends, strict=True):
-            if self._server_event(ev):
-                back.drop_to(end)
-            else:
+            fate = self._server_event(ev)
+            if fate is False:
                 back.forward_to(end)
+            else:
+                back.drop_to(end)
+                if fate is not True:
+                    self.to_client(fate)
         partial = self._bdec.partial_start
         back.forward_to(back.received if partial is None or not self._cutting else partial)
 
-    def _server_event(self, ev: m.PgMessage) -> bool:
-        """Account for one server message; True if it must not reach the client."""
+    def _server_event(self, ev: m.PgMessage) -> bool | bytes:
+        """Account for one server message. False: it goes to the client as it is; True: it
+        is dropped; bytes: what the client gets instead."""
         cls = type(ev)
         if cls is m.RawMessage:
             return False
@@ -509,7 +522,7 @@ class PgSession:
                 self.ready = True
             elif units:
                 unit = units.popleft()
-                if unit.suppress:
+                if unit.cuts:
                     self._cutting -= 1
             return False
         if cls is m.ParseComplete or cls is m.BindComplete:
@@ -522,8 +535,6 @@ class PgSession:
             unit.seen_binds += 1
             if unit.suppress and unit.seen_binds == unit.suppress[0][1]:
                 unit.suppress.pop(0)
-                if not unit.suppress:
-                    self._cutting -= 1
                 return True
             return False
         if cls is m.ErrorResponse:
@@ -532,10 +543,13 @@ class PgSession:
             if units:
                 unit = units[0]
                 unit.stmts.clear()  # the rest of the unit does not run
-                if unit.suppress and not unit.errored:
-                    self._cutting -= 1
                 unit.suppress.clear()
                 unit.errored = True
+                if unit.refusal is not None and ev.message == unit.refusal:  # type: ignore[attr-defined]
+                    # Our substitute's error: without the PL/pgSQL context (CONTEXT: ... at
+                    # RAISE) and source location, which describe the mechanism, not the refusal.
+                    kept = [(k, v) for k, v in ev.fields if k in "SVCM"]  # type: ignore[attr-defined]
+                    return build_message(b"E", _fields(kept))
             return False
         if cls is m.EmptyQueryResponse or cls is m.PortalSuspended:
             if units and units[0].stmts:
@@ -571,6 +585,11 @@ class PgSession:
             self._ended = True
             self.ctx.metrics.active.inc((self.ctx.listener, self.app), -1)
         self._closed = True
+
+
+def _fields(fields: list[tuple[str, str]]) -> bytes:
+    # ErrorResponse body: (code byte, cstring)* then NUL
+    return b"".join(k.encode() + v.encode() + b"\0" for k, v in fields) + b"\0"
 
 
 class _Marker(bytes):

@@ -119,11 +119,12 @@ class ListenerHandle:
             if not self.idle_event.is_set():
                 await asyncio.wait_for(self.idle_event.wait(), timeout)
         except TimeoutError:
-            log.warning(
-                "listener %s: %d connections still open at the drain deadline, closing them",
-                self.name,
-                len(self.connections),
-            )
+            if self.connections:
+                log.warning(
+                    "listener %s: %d connections still open at the drain deadline, closing them",
+                    self.name,
+                    len(self.connections),
+                )
         for conn in list(self.connections):
             conn.abort()
         for task in list(self._tasks):

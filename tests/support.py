@@ -19,7 +19,7 @@ async def running_router(config: dict[str, Any]) -> AsyncIterator[Router]:
     """A Router applied from a config dict (validated exactly as a file would be)."""
     parsed = parse_config(config, "<test>")
     router = Router()
-    await router.apply(parsed.clusters, parsed.listeners)
+    await router.apply(parsed.clusters, parsed.listeners, parsed.policies)
     try:
         yield router
     finally:
