@@ -247,6 +247,7 @@ class _Decoder:
 
     _parsers: dict[bytes, _Parser] = {}
     _raw: frozenset[int] = frozenset()
+    _streamed: frozenset[bytes] = frozenset()  # decoded from their first bytes, body skipped
 
     def __init__(self, *, strict: bool = True, max_message_size: int = MAX_MESSAGE_SIZE) -> None:
         self.strict = strict  # an unknown type byte is a ProtocolError (else streamed as raw)
@@ -316,6 +317,9 @@ class _Decoder:
                     if len(buf) == self._body_len:
                         events.append(self._finish())
                         ends.append(base + pos)
+                    elif self._type in self._streamed and (event := self._early()) is not None:
+                        events.append(event)
+                        ends.append(base + pos + self._skip)
                 elif self._mode == _CLOSED:
                     raise ProtocolError("data after a CancelRequest")
                 elif self._mode == _ENCRYPTION and data[pos] in b"SNG":
@@ -358,12 +362,24 @@ class _Decoder:
                 buf.clear()
                 self._skip = length - 4
                 return m.RawMessage(kind.decode("latin-1"), length)
-            if length > self.max_message_size:
+            if length > self.max_message_size and kind not in self._streamed:
                 raise ProtocolError(f"message {kind!r} length {length} over {self.max_message_size}")
             self._type = kind
         buf.clear()
         self._body_len = length - 4
         return self._finish() if self._body_len == 0 else None
+
+    def _early(self) -> m.PgMessage | None:
+        """A streamed message (Bind) is reported once its leading names have arrived; the
+        rest of its body (parameter values, which may be large) is skipped, not buffered."""
+        if self._buf.count(b"\0") < 2:
+            return None
+        r = _Reader(bytes(self._buf), self._type.decode("latin-1"))
+        event = m.Bind(r.cstring(), r.cstring())  # portal cstring | statement cstring | ...
+        self._skip = self._body_len - len(self._buf)
+        self._buf.clear()
+        self._body_len = -1
+        return event
 
     def _finish(self) -> m.PgMessage:
         body = bytes(self._buf)
@@ -382,6 +398,7 @@ class PgFrontendDecoder(_Decoder):
 
     _parsers = _FRONTEND
     _raw = _FRONTEND_RAW
+    _streamed = frozenset({b"B"})  # Bind: only the portal and statement names are needed
 
     def __init__(self, *, strict: bool = True, max_message_size: int = MAX_MESSAGE_SIZE) -> None:
         super().__init__(strict=strict, max_message_size=max_message_size)

@@ -260,18 +260,31 @@ class HttpSettings(Strict):
 
 
 class TlsConfig(Strict):
-    cert: str = Field(description="PEM certificate chain presented to clients")
-    key: str = Field(description="PEM private key of the certificate")
+    cert: str | None = Field(default=None, description="PEM certificate chain presented to clients")
+    key: str | None = Field(default=None, description="PEM private key of the certificate")
+    upstream: Literal["disable", "require"] = Field(
+        default="disable",
+        description="require: speak TLS to the server too (as libpq's sslmode=require: encrypted, "
+        "the server's certificate not verified); disable: clear",
+    )
 
     @model_validator(mode="after")
     def _readable(self) -> TlsConfig:
+        if (self.cert is None) != (self.key is None):
+            raise ValueError("'cert' and 'key' go together: both to terminate client TLS, or neither")
         for what, path in (("cert", self.cert), ("key", self.key)):
+            if path is None:
+                continue
             try:
                 with open(path, "rb"):
                     pass
             except OSError as exc:
                 raise ValueError(f"{what}: cannot read {path!r}: {exc.strerror or exc}") from None
         return self
+
+    @property
+    def terminate(self) -> bool:
+        return self.cert is not None
 
 
 SQL_PROTOCOLS = ("postgres",)
@@ -291,7 +304,9 @@ class ListenerConfig(Strict):
         "application_name, else its user)",
     )
     policies: list[str] = Field(default_factory=list, description="postgres: names of policies[] rules, in order")
-    tls: TlsConfig | None = Field(default=None, description="postgres: terminate client TLS (SSLRequest)")
+    tls: TlsConfig | None = Field(
+        default=None, description="postgres: terminate client TLS (cert, key); TLS to the server (upstream)"
+    )
 
     @model_validator(mode="after")
     def _shape(self) -> ListenerConfig:

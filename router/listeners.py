@@ -244,7 +244,7 @@ class Router:
         elif listed:
             engine = PolicyEngine(listed)
         tls: ssl.SSLContext | None = None
-        if config.tls is not None:
+        if config.tls is not None and config.tls.cert is not None and config.tls.key is not None:
             tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             tls.load_cert_chain(config.tls.cert, config.tls.key)
         stats = self.sql_stats

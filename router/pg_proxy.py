@@ -170,18 +170,84 @@ class PgProxyProtocol(TcpProxyProtocol):
 
 
 class _PgUpstreamProtocol(_UpstreamProtocol):
-    """The server side: every chunk goes through the session filter."""
+    """The server side: every chunk goes through the session filter. With ``tls.upstream:
+    require`` it first asks the server for TLS (SSLRequest, one-byte answer) and joins the
+    session only once the handshake is done, so the startup packet is never sent in clear."""
 
-    __slots__ = ("pg",)
+    __slots__ = ("_tls_task", "adopted", "negotiating", "pg")
 
     def __init__(self, session: PgProxyProtocol, endpoint: Endpoint) -> None:
         super().__init__(session, endpoint)
         assert session.session is not None
         self.pg = session.session
+        tls = session.listener.config.tls
+        self.negotiating = tls is not None and tls.upstream == "require"
+        self.adopted = False
+        self._tls_task: asyncio.Task[None] | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if not self.negotiating:
+            self.adopted = True
+            super().connection_made(transport)
+            return
+        self.transport = cast(asyncio.Transport, transport)
+        self.transport.write(SSL_REQUEST)
 
     def data_received(self, data: bytes) -> None:
+        if self.negotiating:
+            self._negotiate(data)
+            return
         self.pg.from_server(data)
         self.bytes.inc(self.bytes_key, len(data))
+
+    def _negotiate(self, data: bytes) -> None:
+        transport = self.transport
+        assert transport is not None
+        self.negotiating = False
+        if data != b"S":  # "N": the server has no TLS; anything else: not a PostgreSQL server
+            log.warning("server %s refused TLS (tls.upstream: require): closing", self.endpoint.key)
+            transport.close()
+            return
+        transport.pause_reading()
+        self._tls_task = asyncio.get_running_loop().create_task(self._handshake(transport), name="pg-upstream-tls")
+
+    async def _handshake(self, transport: asyncio.Transport) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            new = await loop.start_tls(transport, self, _upstream_context(), ssl_handshake_timeout=10.0)
+        except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
+            log.warning("TLS handshake with server %s failed: %s", self.endpoint.key, exc)
+            transport.abort()
+            return
+        if new is None:
+            transport.abort()
+            return
+        self.adopted = True
+        super().connection_made(new)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._tls_task is not None and not self._tls_task.done():
+            self._tls_task.cancel()
+        if self.adopted:
+            super().connection_lost(exc)
+            return
+        # Never joined the session: undo what the connect did and end the client too.
+        self.endpoint.active -= 1
+        self.peer.close()
+
+
+SSL_REQUEST = (8).to_bytes(4, "big") + (80877103).to_bytes(4, "big")
+_UPSTREAM_TLS: list[ssl.SSLContext] = []
+
+
+def _upstream_context() -> ssl.SSLContext:
+    """As libpq's sslmode=require: encrypted, the certificate not verified."""
+    if not _UPSTREAM_TLS:
+        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        _UPSTREAM_TLS.append(context)
+    return _UPSTREAM_TLS[0]
 
 
 async def _send_cancel(endpoint: Endpoint, raw: bytes) -> None:

@@ -222,6 +222,25 @@ def test_large_data_row_is_streamed_not_held() -> None:
     assert peak <= 64
 
 
+def test_large_bind_is_reported_from_its_names_and_its_values_skipped() -> None:
+    value = os.urandom(5 * 1024 * 1024)
+    bind = msg(b"B", cstr("p1") + cstr("s1") + struct.pack("!HHi", 0, 1, len(value)) + value + struct.pack("!H", 0))
+    head = startup(user="u")
+    stream = head + bind + msg(b"E", cstr("p1") + struct.pack("!i", 0)) + msg(b"S")
+    d = PgFrontendDecoder(max_message_size=1024)  # Bind is streamed: the cap does not apply
+    events: list[m.PgMessage] = []
+    ends: list[int] = []
+    peak = 0
+    for i in range(0, len(stream), 64 * 1024):
+        events += d.feed(stream[i : i + 64 * 1024])
+        ends += d.ends
+        peak = max(peak, d.buffered)
+    assert events[1:] == [m.Bind("p1", "s1"), m.Execute("p1", 0), m.Sync()]
+    assert ends[1] == len(head) + len(bind)  # where the Bind ends, though reported early
+    assert ends[-1] == len(stream) == d.offset
+    assert peak <= 64 * 1024
+
+
 @pytest.mark.parametrize(
     ("factory", "data"),
     [
