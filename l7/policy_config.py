@@ -28,6 +28,7 @@ from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import (
+    WithJsonSchema,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -169,9 +170,11 @@ class PolicyMatch(_Strict):
 class TimeWindow(_Strict):
     """A daily local-time window [start, end), optionally only on some days (of its start)."""
 
-    between: Annotated[tuple[int, int], BeforeValidator(parse_window)] = Field(
-        description="HH:MM-HH:MM local time, end excluded; may wrap midnight (22:00-02:00)"
-    )
+    between: Annotated[
+        tuple[int, int],
+        BeforeValidator(parse_window),
+        WithJsonSchema({"type": "string", "pattern": r"^\s*\d{1,2}:\d{2}\s*-\s*\d{1,2}:\d{2}\s*$"}),
+    ] = Field(description="HH:MM-HH:MM local time, end excluded; may wrap midnight (22:00-02:00)")
     timezone: str = Field(default="UTC", description="IANA time zone, e.g. Europe/Berlin")
     days: tuple[Day, ...] | None = Field(default=None, description="days the window starts on: mon..sun")
 
@@ -217,12 +220,16 @@ class TimeWindow(_Strict):
 class RateLimitAction(_Strict):
     """A token bucket per (rule, app): ``rate_limit`` tokens per second, ``burst`` capacity."""
 
-    rate_limit: Annotated[float, BeforeValidator(parse_rate)] = Field(description="N/s or N/m")
+    rate_limit: Annotated[
+        float, BeforeValidator(parse_rate), WithJsonSchema({"type": ["string", "number"], "examples": ["200/s"]})
+    ] = Field(description="N/s or N/m")
     burst: int | None = Field(default=None, ge=1, description="bucket size; default N (one period's worth)")
     over: Literal["delay", "deny"] = Field(default="delay", description="what happens over the rate")
-    max_delay: Annotated[float | None, BeforeValidator(lambda v: None if v is None else parse_duration(v))] = Field(
-        default=None, description="longest delay; a longer wait is denied (53400). Default: no cap"
-    )
+    max_delay: Annotated[
+        float | None,
+        BeforeValidator(lambda v: None if v is None else parse_duration(v)),
+        WithJsonSchema({"type": ["string", "number", "null"], "examples": ["500ms", "2s"]}),
+    ] = Field(default=None, description="longest delay; a longer wait is denied (53400). Default: no cap")
 
     @model_validator(mode="before")
     @classmethod
