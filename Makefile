@@ -5,7 +5,13 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CONFIG ?= configs/default.yaml
 
-.PHONY: run test lint typecheck bench clean
+.PHONY: run test deps lint typecheck bench clean
+
+# Programs from Debian's packages, as CHECK:PACKAGE (see the script): a real PostgreSQL for the
+# tests and `pointsman up` (server binaries, psql, pgbench). Installed when missing and we are
+# root; otherwise the script says what is missing and the tests needing it skip.
+DEBIAN_DEPS := '/usr/lib/postgresql/*/bin/initdb:postgresql' '/usr/lib/postgresql/*/bin/postgres:postgresql' \
+	psql:postgresql-client pgbench:postgresql-client openssl:openssl
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -13,10 +19,13 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[test]'
 	touch $(STAMP)
 
-run: $(STAMP)
+deps:
+	bash scripts/ensure-debian-packages.sh $(DEBIAN_DEPS)
+
+run: $(STAMP) deps
 	$(BIN)/pointsman up --config $(CONFIG)
 
-test: $(STAMP)
+test: $(STAMP) deps
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 	$(BIN)/python -m pytest

@@ -40,7 +40,7 @@ from dataclasses import replace
 from l7.classify_ddl import RELATION_KINDS, ddl, ddl_kind, grant, load, table_list
 from l7.digest_cache import DigestCache
 from l7.model import VERB_PRECEDENCE, Dialect, Statement
-from l7.sql_lexer import LITERAL, PUNCT, QIDENT, VARIABLE, WORD, Token, split
+from l7.sql_lexer import LITERAL, PUNCT, QIDENT, VARIABLE, WORD, Token, skeleton, split
 from l7.sql_tables import (
     dedupe,
     name_part,
@@ -370,8 +370,33 @@ class SqlClassifier:
         self.dialect: Dialect = dialect
         self.backslash_escapes = backslash_escapes
         self.cache: DigestCache[Statement] = DigestCache(cache_size)
+        # First level, PostgreSQL only: whole texts by skeleton (sql_lexer.skeleton), which
+        # spares the lexer for queries that differ from an earlier one only in literals.
+        self.texts: DigestCache[tuple[Statement, ...]] = DigestCache(cache_size)
+
+    @property
+    def hits(self) -> int:
+        """Lookups answered from a cache (by skeleton, or by digest after lexing)."""
+        return self.texts.hits + self.cache.hits
+
+    @property
+    def misses(self) -> int:
+        """Statements that had to be classified from their tokens."""
+        return self.cache.misses
 
     def classify(self, sql: str) -> list[Statement]:
+        key = skeleton(sql) if self.dialect == "postgres" else None
+        if key is not None:
+            known = self.texts.get(key)
+            if known is not None:
+                return list(known)
+            self.texts.misses -= 1  # counted below, by the digest cache, if it comes to that
+        out = self._classify(sql)
+        if key is not None:
+            self.texts.put(key, tuple(out))
+        return out
+
+    def _classify(self, sql: str) -> list[Statement]:
         out = []
         cache = self.cache
         for lexed in split(sql, self.dialect, backslash_escapes=self.backslash_escapes):

@@ -240,6 +240,7 @@ _BACKEND: dict[bytes, _Parser] = {
 _BACKEND_RAW = frozenset(b"TDdvV")
 
 _STARTUP, _TYPED, _ENCRYPTION, _CLOSED = "startup", "typed", "encryption", "closed"
+_NAMES = {bytes([i]): chr(i) for i in range(256)}  # type byte -> its one-character name
 
 
 class _Decoder:
@@ -264,6 +265,9 @@ class _Decoder:
         # Messages are contiguous, so a message starts where the previous one ended.
         self.offset = 0
         self.ends: list[int] = []
+        # A proxy that only forwards DataRow/CopyData/RowDescription can do without their
+        # events (their bytes are still accounted for by the next event's offset).
+        self.report_raw = True
         self._msg_start = 0  # where the message being read began
 
     @property
@@ -293,17 +297,51 @@ class _Decoder:
         if self._failed is not None:
             raise ProtocolError(self._failed)
         try:
-            return self._feed(memoryview(data).cast("B"))
+            events: list[m.PgMessage] = []
+            ends: list[int] = []
+            self.ends = ends
+            pos = 0
+            if type(data) is bytes and self._mode == _TYPED and self._body_len < 0 and not self._skip and not self._buf:
+                pos = self._whole(data, events, ends)
+                if pos == len(data):
+                    self.offset += pos
+                    return events
+            return self._feed(memoryview(data).cast("B"), pos, events, ends)
         except ProtocolError as exc:
             self._failed = str(exc)
             raise
 
-    def _feed(self, data: memoryview) -> list[m.PgMessage]:
-        events: list[m.PgMessage] = []
-        ends: list[int] = []
-        self.ends = ends
+    def _whole(self, data: bytes, events: list[m.PgMessage], ends: list[int]) -> int:
+        """The fast path: messages that lie whole in ``data``, parsed from it without copying
+        into the buffer. Stops (returning where) at anything else: a partial message, or one
+        the general path must judge (a bad length, an unknown type, a message over the cap)."""
+        pos, end = 0, len(data)
+        parsers, raw, report_raw, names = self._parsers, self._raw, self.report_raw, _NAMES
         base = self.offset
-        pos, end, buf = 0, len(data), self._buf
+        unpack = _HEADER.unpack_from
+        while end - pos >= 5:
+            kind, length = unpack(data, pos)
+            stop = pos + 1 + length
+            if length < 4 or stop > end:
+                break
+            parser = parsers.get(kind)
+            if parser is not None:
+                if length > self.max_message_size and kind not in self._streamed:
+                    break
+                events.append(parser(_Reader(data[pos + 5 : stop], names[kind])))
+                ends.append(base + stop)
+            elif data[pos] in raw:
+                if report_raw:
+                    events.append(m.RawMessage(names[kind], length))
+                    ends.append(base + stop)
+            else:
+                break
+            pos = stop
+        return pos
+
+    def _feed(self, data: memoryview, pos: int, events: list[m.PgMessage], ends: list[int]) -> list[m.PgMessage]:
+        base = self.offset  # the stream offset of data[0]
+        end, buf = len(data), self._buf
         try:
             while pos < end:
                 if self._skip:  # streaming a raw body past: no copy
@@ -361,7 +399,7 @@ class _Decoder:
                     raise ProtocolError(f"unknown message type {kind!r}")
                 buf.clear()
                 self._skip = length - 4
-                return m.RawMessage(kind.decode("latin-1"), length)
+                return m.RawMessage(kind.decode("latin-1"), length) if self.report_raw else None
             if length > self.max_message_size and kind not in self._streamed:
                 raise ProtocolError(f"message {kind!r} length {length} over {self.max_message_size}")
             self._type = kind

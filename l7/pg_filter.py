@@ -197,6 +197,7 @@ class PgSession:
         self.hooks = hooks
         self._fdec = PgFrontendDecoder()
         self._bdec = PgBackendDecoder()
+        self._bdec.report_raw = False  # rows and row descriptions only pass through
         self._out = Splicer(to_server)  # client -> server
         self._back = Splicer(to_client)  # server -> client, used only while cutting
         self._queue: deque[tuple[m.PgMessage, int]] = deque()  # decoded, not yet handled

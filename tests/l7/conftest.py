@@ -1,0 +1,26 @@
+"""A real PostgreSQL for the l7 tests: one throwaway server per session (tests/pgserver.py)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+
+from tests.pgserver import PgServer, find_bin_dir
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[PgServer]:
+    """Started on first use (~1 s), stopped and deleted at the end of the session.
+
+    Without PostgreSQL's server binaries the tests that use it are skipped on a developer's
+    machine (`make test` installs them when it runs as root) but fail in CI, where a missing
+    package must not turn into a quietly green run."""
+    if find_bin_dir() is None:
+        message = "no PostgreSQL server binaries (apt-get install postgresql, or set PG_BIN)"
+        if os.environ.get("CI"):
+            pytest.fail(f"CI is set and {message}", pytrace=False)
+        pytest.skip(message)
+    with PgServer() as server:
+        yield server
