@@ -6,6 +6,8 @@
     pointsman schema                       the config's JSON Schema
     pointsman reload [--admin HOST:PORT | --config FILE]
                                            ask a running instance to reload its config
+    pointsman top [--admin HOST:PORT | --config FILE] [--interval S] [--once] [--no-color]
+                                           live view of the SQL listeners (GET /sql/stats)
 
 Exit codes: 0 success, 1 an invalid config, a refused reload or an unreachable instance,
 2 a usage error (argparse).
@@ -185,7 +187,39 @@ def cmd_reload(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_top(args: argparse.Namespace) -> int:
+    # Same address rules as reload: --admin, else the file's admin.listen, else the default.
+    if args.admin is not None:
+        address = args.admin
+    elif args.config is not None:
+        address = _admin_from_file(args.config)
+        if address[1] == 0:
+            print(f"{args.config}: admin.listen uses port 0; pass --admin HOST:PORT", file=sys.stderr)
+            return 1
+    else:
+        address = DEFAULT_ADMIN
+    from pointsman import top  # only this command needs it
+
+    return top.run(
+        _connectable(address),
+        interval=args.interval,
+        once=args.once,
+        color=False if args.no_color else None,
+    )
+
+
 # -- arguments -------------------------------------------------------------------------
+
+
+def _interval(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    # Below 0.1 s the view only loads the admin API: the rates move once a second.
+    if not 0.1 <= value <= 3600:
+        raise argparse.ArgumentTypeError(f"{text} is not between 0.1 and 3600 seconds")
+    return value
 
 
 def _address(text: str) -> tuple[str, int]:
@@ -246,6 +280,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     where.add_argument("--config", metavar="FILE", help="read the admin address from this file's admin.listen")
     reload.set_defaults(func=cmd_reload)
+
+    top = commands.add_parser(
+        "top",
+        help="live view of the SQL listeners: statements per app and verb, latency, denials",
+        description="A live view of a running instance's SQL listeners, from its GET /sql/stats.",
+        parents=[common],
+    )
+    where = top.add_mutually_exclusive_group()
+    where.add_argument(
+        "--admin", type=_address, metavar="HOST:PORT", help="the instance's admin API (default: 127.0.0.1:9901)"
+    )
+    where.add_argument("--config", metavar="FILE", help="read the admin address from this file's admin.listen")
+    top.add_argument(
+        "--interval",
+        type=_interval,
+        default=1.0,
+        metavar="SECONDS",
+        help="time between refreshes (default: %(default)s)",
+    )
+    top.add_argument("--once", action="store_true", help="print one frame and exit (1 if the API is unreachable)")
+    top.add_argument("--no-color", action="store_true", help="no ANSI colours (also off when $NO_COLOR is set)")
+    top.set_defaults(func=cmd_top)
     return parser
 
 

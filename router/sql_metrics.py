@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -121,67 +121,129 @@ class SqlStats(Collector):
                 f"Statement classification cache {name} (digest LRU)",
                 labels=("dialect",),
             )
-            family.add_metric(
-                ("postgres",), float(getattr(self.classifier.cache, attr) + getattr(self.classifier_bs.cache, attr))
-            )
+            family.add_metric(("postgres",), float(getattr(self.classifier, attr) + getattr(self.classifier_bs, attr)))
             yield family
 
     # -- live view -----------------------------------------------------------------------------
 
     def sample(self, now: float | None = None) -> None:
-        """Record the counters now (called once a second) so that rates can be given."""
+        """Record the counters (the supervisor calls this once a second) so that
+        :meth:`snapshot` can give rates. ``now`` is a ``time.monotonic()`` reading; tests pass
+        their own to get exact rates."""
         now = time.monotonic() if now is None else now
         self._samples.append((now, dict(self.statements.values), dict(self.denied.values)))
 
-    def snapshot(self, window: float = 5.0) -> dict[str, Any]:
-        """Per listener/app/verb: total, rate (per second over ``window``), latency mean and
-        bucket-estimated p50/p99; denials per rule; cache hit rate."""
-        now = time.monotonic()
-        base = None
-        for sample in self._samples:
-            if now - sample[0] <= window + 0.5:
-                base = sample
-                break
-        span = (now - base[0]) if base is not None else 0.0
-        rows: dict[tuple[str, str, str], dict[str, Any]] = {}
-        for (listener, app, _database, verb), total in self.statements.values.items():
-            row = rows.setdefault(
-                (listener, app, verb),
-                {"listener": listener, "app": app, "verb": verb, "total": 0.0, "rate": 0.0},
+    def snapshot(self, window: float = 5.0, now: float | None = None) -> dict[str, Any]:
+        """What ``GET /sql/stats`` serves and ``pointsman top`` shows.
+
+        Per listener/app/verb: total, rate, mean and p50/p99 latency; per listener/app/rule:
+        denials with their rate; open sessions; the classification cache's hit rate.
+
+        Totals are read live. Rates are the difference between two samples, the newest and
+        the oldest within ``window`` seconds of it, over the time between them: the same
+        figure for every poll between two samples, instead of one that jitters with where
+        the poll falls. Without two such samples (just started, or the sampler stalled for
+        longer than the window) every rate is 0 and ``window_seconds`` is 0. Latencies cover
+        the life of the process: the histogram is not sampled."""
+        now = time.monotonic() if now is None else now
+        newest, base = self._rate_samples(window, now)
+        span = newest[0] - base[0] if newest is not None and base is not None else 0.0
+
+        def rate(new: float, old: float) -> float:
+            # The counters only grow; max() keeps a negative figure out if one ever resets.
+            return round(max(0.0, new - old) / span, 2) if span > 0 else 0.0
+
+        statement_rows: list[dict[str, Any]] = []
+        new_counts = _per_verb(newest[1]) if newest is not None else {}
+        old_counts = _per_verb(base[1]) if base is not None else {}
+        for key, total in _per_verb(self.statements.values).items():
+            listener, app, verb = key
+            statement_rows.append(
+                {
+                    "listener": listener,
+                    "app": app,
+                    "verb": verb,
+                    "total": total,
+                    "rate": rate(new_counts.get(key, 0.0), old_counts.get(key, 0.0)),
+                    **_latency(self.durations.series.get(key), self.durations.buckets),
+                }
             )
-            row["total"] += total
-        if base is not None and span > 0:
-            old: dict[tuple[str, str, str], float] = {}
-            for (listener, app, _database, verb), total in base[1].items():
-                old[(listener, app, verb)] = old.get((listener, app, verb), 0.0) + total
-            for key, row in rows.items():
-                row["rate"] = round((row["total"] - old.get(key, 0.0)) / span, 2)
-        for key, row in rows.items():
-            series = self.durations.series.get(key)
-            row.update(_latency(series, self.durations.buckets))
-        denied = [
-            {"listener": listener, "app": app, "rule": rule, "total": total}
-            for (listener, app, rule), total in self.denied.values.items()
-        ]
-        cache = self.classifier.cache
-        lookups = cache.hits + cache.misses
+
+        new_denied = newest[2] if newest is not None else {}
+        old_denied = base[2] if base is not None else {}
+        denied_rows: list[dict[str, Any]] = []
+        for labels, total in self.denied.values.items():
+            listener, app, rule = labels
+            denied_rows.append(
+                {
+                    "listener": listener,
+                    "app": app,
+                    "rule": rule,
+                    "total": total,
+                    "rate": rate(new_denied.get(labels, 0.0), old_denied.get(labels, 0.0)),
+                }
+            )
+
+        # Both classifiers, as /metrics counts them: a listener with backslash escapes uses
+        # the second one, and its lookups belong in the same hit rate.
+        hits = self.classifier.hits + self.classifier_bs.hits
+        misses = self.classifier.misses + self.classifier_bs.misses
+        lookups = hits + misses
+
+        def busiest(*names: str) -> Callable[[dict[str, Any]], tuple[Any, ...]]:
+            # Ties (every rate is 0 at start) fall back to the totals, then to the labels, so
+            # the order stays put from one refresh to the next.
+            return lambda row: (-row["rate"], -row["total"], *(row[name] for name in names))
+
         return {
             "window_seconds": round(span, 2),
-            "statements": sorted(rows.values(), key=lambda r: (-r["rate"], -r["total"])),
-            "denied": denied,
+            "statements": sorted(statement_rows, key=busiest("listener", "app", "verb")),
+            "denied": sorted(denied_rows, key=busiest("listener", "app", "rule")),
             "sessions": [
                 {"listener": listener, "app": app, "active": value}
-                for (listener, app), value in self.active.values.items()
+                for (listener, app), value in sorted(self.active.values.items())
             ],
             "classify_cache": {
-                "hits": cache.hits,
-                "misses": cache.misses,
-                "hit_rate": round(cache.hits / lookups, 4) if lookups else None,
+                "hits": hits,
+                "misses": misses,
+                "hit_rate": round(hits / lookups, 4) if lookups else None,
             },
         }
 
+    def _rate_samples(self, window: float, now: float) -> tuple[_Sample | None, _Sample | None]:
+        """The newest sample taken by ``now`` and the oldest one within ``window`` before it;
+        either is None when there is no pair to take a rate from."""
+        taken = [s for s in self._samples if s[0] <= now]
+        if not taken or now - taken[-1][0] > window + _SAMPLE_SLACK:
+            return None, None
+        newest = taken[-1]
+        for sample in taken[:-1]:
+            # The slack lets the sample from ~window seconds ago in although the sampler's
+            # one-second sleeps drift a little late.
+            if newest[0] - sample[0] <= window + _SAMPLE_SLACK:
+                return newest, sample
+        return newest, None
+
+
+# (monotonic time, statements.values copy, denied.values copy), as SqlStats.sample records them
+_Sample = tuple[float, dict[tuple[str, ...], float], dict[tuple[str, ...], float]]
+
+# How far past the window a sample may lie and still count as inside it (see _rate_samples).
+_SAMPLE_SLACK = 0.5
+
+
+def _per_verb(values: dict[tuple[str, ...], float]) -> dict[tuple[str, str, str], float]:
+    """Statement counts summed over databases: (listener, app, database, verb) -> (listener,
+    app, verb), the key of the duration histogram and of the rows top shows."""
+    out: dict[tuple[str, str, str], float] = {}
+    for (listener, app, _database, verb), total in values.items():
+        key = (listener, app, verb)
+        out[key] = out.get(key, 0.0) + total
+    return out
+
 
 def _latency(series: list[float] | None, buckets: tuple[float, ...]) -> dict[str, float | None]:
+    """Mean, p50 and p99 in ms of one histogram row ([count per bucket..., +Inf count, sum])."""
     if not series:
         return {"mean_ms": None, "p50_ms": None, "p99_ms": None}
     counts = series[:-1]
@@ -196,10 +258,26 @@ def _latency(series: list[float] | None, buckets: tuple[float, ...]) -> dict[str
 
 
 def _quantile(counts: list[float], buckets: tuple[float, ...], n: float, q: float) -> float | None:
-    """Upper bound of the bucket holding the q-quantile, in ms (as Prometheus would bound it)."""
-    seen = 0.0
-    for bound, count in zip((*buckets, float("inf")), counts, strict=True):
-        seen += count
-        if seen >= q * n:
-            return None if bound == float("inf") else round(bound * 1000, 3)
-    return None
+    """The q-quantile in ms, interpolated linearly inside the bucket that holds it.
+
+    This is what Prometheus' ``histogram_quantile()`` computes from the same buckets, so top
+    and a dashboard agree: the observations are assumed spread evenly across their bucket,
+    and the first bucket starts at 0 (a duration is never negative). The +Inf bucket has no
+    upper bound to interpolate towards; as in Prometheus, a quantile that falls there is
+    given as the highest finite bound, a floor of the true value.
+
+    ``counts`` holds one count per bucket (not cumulative), +Inf last; ``n`` is their sum.
+    """
+    if n <= 0 or not 0 < q <= 1 or not buckets:
+        return None
+    rank = q * n
+    below = 0.0  # observations in the buckets before this one
+    lower = 0.0
+    for upper, count in zip(buckets, counts[:-1], strict=True):
+        # below < rank holds here (rank > 0, and a bucket that reached it returned), so a
+        # bucket that reaches it has count > 0.
+        if below + count >= rank:
+            return round((lower + (upper - lower) * (rank - below) / count) * 1000, 3)
+        below += count
+        lower = upper
+    return round(buckets[-1] * 1000, 3)
