@@ -375,7 +375,7 @@ class PgSession:
             st = stmts[ob.index] if ob.index < len(stmts) else OTHER
             policy_log.info(policy_log_line(ob, st, self.app, self.user, self.database))
 
-    def _refuse(self, d: Decision, unit: _Unit) -> str:
+    def _refuse(self, d: Decision, unit: _Unit, stmts: Sequence[Statement]) -> str:
         """Count a refusal; the SQL that makes the server raise it in ``unit``."""
         ctx = self.ctx
         assert d.rule is not None
@@ -383,13 +383,16 @@ class PgSession:
             unit.cuts = True
             self._cutting += 1
         ctx.metrics.denied.inc((ctx.listener, self.app, d.rule))
-        policy_log.info(
-            json.dumps(
-                {"app": self.app, "user": self.user, "database": self.database, "rule": d.rule, "decision": "deny"},
-                sort_keys=True,
-                separators=(",", ":"),
-            )
-        )
+        record = {
+            "app": self.app,
+            "user": self.user,
+            "database": self.database,
+            "verbs": [st.verb for st in stmts],  # of every statement refused with it
+            "tables": sorted({t for st in stmts for t in st.tables}),
+            "rule": d.rule,
+            "decision": "deny" if d.sqlstate != "53400" else "rate_limited",
+        }
+        policy_log.info(json.dumps(record, sort_keys=True, separators=(",", ":")))
         sql, unit.refusal = raise_statement(d.sqlstate or "42501", d.message or f"denied by policy {d.rule!r}")
         return sql
 
@@ -429,7 +432,7 @@ class PgSession:
         unit = _Unit()
         self._units.append(unit)
         if d is not None and d.action == "deny":
-            return build_message(b"Q", self._refuse(d, unit).encode() + b"\0")
+            return build_message(b"Q", self._refuse(d, unit, stmts).encode() + b"\0")
         self._count(stmts, unit)
         return _FORWARD
 
@@ -438,7 +441,7 @@ class PgSession:
         stmts = self._classify(ev.query)
         d = self._decide(stmts, take_tokens=False)
         if d is not None and d.action == "deny":
-            return self._substitute(unit, d)
+            return self._substitute(unit, d, stmts)
         self._parsed[ev.statement] = stmts
         unit.parses += 1
         return _FORWARD
@@ -458,16 +461,16 @@ class PgSession:
                 self._delay(d)
                 return None
         if d is not None and d.action == "deny":
-            return self._substitute(unit, d)
+            return self._substitute(unit, d, stmts)
         self._count(stmts, unit)
         return _FORWARD
 
-    def _substitute(self, unit: _Unit, d: Decision) -> bytes:
+    def _substitute(self, unit: _Unit, d: Decision, stmts: Sequence[Statement]) -> bytes:
         unit.suppress.append((unit.parses + 1, unit.binds + 1))
         unit.parses += 1
         unit.binds += 1
         self._discard = True
-        return _extended_substitute(self._refuse(d, unit))
+        return _extended_substitute(self._refuse(d, unit, stmts))
 
     # -- server → client -----------------------------------------------------------------------
 

@@ -60,10 +60,16 @@ async def test_pgbench_tpcb_counts_exactly(pg_server: PgServer) -> None:
 # --- deny ----------------------------------------------------------------------------------------
 
 
-async def test_denied_statement_in_a_multi_statement_string_runs_none(pg_server: PgServer) -> None:
+async def test_denied_statement_in_a_multi_statement_string_runs_none(
+    pg_server: PgServer, caplog: pytest.LogCaptureFixture
+) -> None:
     table = await new_table(pg_server, rows=3)
     async with pg_proxy(pg_server, [DENY_DESTRUCTIVE]) as proxy:
-        code, _, err = await psql(proxy, f"INSERT INTO {table} VALUES (4); DELETE FROM {table}")
+        with caplog.at_level("INFO", logger="pointsman.sql.policy"):
+            code, _, err = await psql(proxy, f"INSERT INTO {table} VALUES (4); DELETE FROM {table}")
+        line = next(r.getMessage() for r in caplog.records if r.name == "pointsman.sql.policy")
+        assert '"verbs":["INSERT","DELETE"]' in line and f'"tables":["{table}"]' in line, line
+        assert '"decision":"deny"' in line and '"rule":"no-destructive"' in line
         assert code != 0
         assert "no-destructive" in err and "denied" in err
         assert "PL/pgSQL" not in err  # the error reads as a refusal, not as the DO block behind it
