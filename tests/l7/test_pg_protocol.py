@@ -316,3 +316,19 @@ async def test_upstream_tls_required_but_refused_closes_the_client(pg_server: Pg
         with pytest.raises((ConnectionError, asyncpg.exceptions.PostgresError, OSError)):
             await asyncpg.connect(proxy.dsn(), ssl=False, timeout=5)
         await wait_until(lambda: proxy.router.listeners["db"].connections == set(), what="the session to end")
+
+
+async def test_gssencrequest_is_answered_no_then_startup_goes_on(pg_server: PgServer) -> None:
+    async with pg_proxy(pg_server) as proxy:
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+        try:
+            writer.write(struct.pack("!ii", 8, 80877104))  # GSSENCRequest
+            assert await asyncio.wait_for(reader.readexactly(1), 5.0) == b"N"
+            writer.write(struct.pack("!ii", 8, 80877103))  # then SSLRequest, as libpq does
+            assert await asyncio.wait_for(reader.readexactly(1), 5.0) == b"N"
+            params = b"user\0" + SUPERUSER.encode() + b"\0database\0" + DATABASE.encode() + b"\0\0"
+            writer.write(struct.pack("!ii", 8 + len(params), 196608) + params)
+            kind = await asyncio.wait_for(reader.readexactly(1), 5.0)
+            assert kind == b"R"  # the server's authentication request: the session goes on
+        finally:
+            writer.close()

@@ -285,3 +285,29 @@ async def test_log_and_dry_run_are_counted_never_enforced(
     lines = [r.getMessage() for r in caplog.records if r.name == "pointsman.sql.policy"]
     assert any('"rule":"rehearse"' in line and '"verb":"DELETE"' in line for line in lines)
     assert any('"rule":"watch-ddl"' in line and f'"tables":["{table}"]' in line for line in lines)
+
+
+async def test_pipeline_with_a_denied_statement_in_the_middle(pg_server: PgServer) -> None:
+    """psycopg's pipeline mode: many Parse/Bind/Execute before one Sync. The statements before
+    the denied one run; it and the ones after it fail as after a server error."""
+    table = await new_table(pg_server, rows=0)
+    async with pg_proxy(pg_server, [DENY_DESTRUCTIVE]) as proxy:
+        conn = await psycopg.AsyncConnection.connect(proxy.dsn(app="piper"), autocommit=True)
+        try:
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                async with conn.pipeline():
+                    await conn.execute(f"INSERT INTO {table} VALUES (%s)", (1,))  # type: ignore[arg-type]
+                    await conn.execute(f"INSERT INTO {table} VALUES (%s)", (2,))  # type: ignore[arg-type]
+                    await conn.execute(f"DELETE FROM {table} WHERE a = %s", (1,))  # type: ignore[arg-type]
+                    await conn.execute(f"INSERT INTO {table} VALUES (%s)", (3,))  # type: ignore[arg-type]
+            # One Sync group is one implicit transaction: the error rolls back the two INSERTs
+            # before it, and the server skips the statements after it.
+            async with conn.pipeline():
+                cur = await conn.execute(f"SELECT count(*) FROM {table}")  # type: ignore[arg-type]
+                second = await conn.execute("SELECT 2")
+            assert await second.fetchone() == (2,)
+            count = (await cur.fetchone() or (None,))[0]
+        finally:
+            await conn.close()
+        assert count == await count_rows(pg_server, table) == 0
+        assert proxy.counter("denied", app="piper") == 1
