@@ -14,6 +14,7 @@ corpus's expected verb is the only check.
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass
 
 import pytest
@@ -22,7 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from l7.classify import SqlClassifier, classify, classify_uncached
-from l7.sql_lexer import split
+from l7.sql_lexer import skeleton, split
 
 # sqlparse type -> our verb.
 _SQLPARSE_MAP = {"CREATE OR REPLACE": "CREATE"}
@@ -210,3 +211,38 @@ def test_cache_is_sound(sql: str, dialect: str) -> None:
     # One cache across all examples: two texts with one digest must classify alike, or the
     # cached answer for the first would be returned for the second.
     assert _SHARED[dialect].classify(sql) == classify_uncached(sql, dialect)  # type: ignore[arg-type]
+
+
+# --- the skeleton cache key -------------------------------------------------------------------
+
+_LITERALS = st.one_of(
+    st.integers(min_value=0, max_value=10**12).map(str),
+    st.floats(min_value=0, max_value=1e9, allow_nan=False).map(repr),
+    st.lists(st.sampled_from([*"ab ;'\"$-/*\\0", "DROP", "--"]), max_size=12).map(
+        lambda parts: "'" + "".join(parts).replace("'", "''") + "'"
+    ),
+)
+
+
+@_FAST
+@given(template=_SQLISH, fills=st.lists(st.tuples(_LITERALS, _LITERALS), min_size=1, max_size=4))
+def test_equal_skeletons_classify_alike(template: str, fills: list[tuple[str, str]]) -> None:
+    """Two texts that differ only in the literals put into the same template: when their
+    skeletons are equal, the lexer must read them as the same statements."""
+    a = b = template
+    for left, right in fills:
+        a, b = f"{a} {left} ", f"{b} {right} "
+    ka, kb = skeleton(a), skeleton(b)
+    if ka is not None and ka == kb:
+        assert [s.digest for s in split(a)] == [s.digest for s in split(b)], (a, b)
+
+
+def test_skeleton_cache_agrees_with_the_lexer_on_corpus() -> None:
+    clf = SqlClassifier(cache_size=4096)
+    rng = random.Random(5)
+    for case in CORPUS:
+        sql = case.sql
+        varied = re.sub(r"(?<![\w$])\d+(?![\w$])", lambda _: str(rng.randint(0, 99999)), sql)
+        for text in (sql, varied):
+            assert clf.classify(text) == classify_uncached(text), text
+    assert clf.texts.hits > 50  # the skeleton level answered the varied copies
