@@ -39,6 +39,7 @@ class Endpoint:
         "idle",
         "key",
         "port",
+        "removed",
     )
 
     def __init__(self, cluster: Cluster, address: tuple[str, int]) -> None:
@@ -57,6 +58,7 @@ class Endpoint:
         # Idle keep-alive upstream connections, most recently used last. The HTTP proxy owns
         # what goes in here; the cluster only closes them when it stops.
         self.idle: deque[Any] = deque()
+        self.removed = False  # left the cluster (registry change): requests in flight finish
 
     def snapshot(self) -> dict[str, object]:
         return {
@@ -168,6 +170,35 @@ class Cluster:
         self.available = [e for e in self.endpoints if e.available]
         for callback in self.on_change:
             callback(self)
+
+    def set_endpoints(self, addresses: list[tuple[str, int]]) -> None:
+        """Follow a new endpoint set (a registry change). Endpoints that stay keep their state;
+        new ones start healthy (the registry only offers usable instances); ones that leave
+        take no new requests, their idle connections close, and requests in flight finish."""
+        wanted = list(dict.fromkeys(addresses))
+        if wanted == [e.address for e in self.endpoints]:
+            return
+        current = {e.address: e for e in self.endpoints}
+        endpoints = [current.pop(address) if address in current else Endpoint(self, address) for address in wanted]
+        for gone in current.values():
+            gone.removed = True
+            gone.available = False
+            timer = self._timers.pop(gone, None)
+            if timer is not None:
+                timer.cancel()
+            while gone.idle:
+                conn = gone.idle.pop()
+                close = getattr(conn, "close", None)
+                if close is not None:
+                    close()
+        self.endpoints = endpoints
+        self.balancer = make_balancer(self.config.balancer, self.endpoints)
+        log.info("cluster %s: %d endpoints (%s)", self.name, len(endpoints), ", ".join(e.key for e in endpoints))
+        self._recompute()
+        if self._health_task is not None:  # the checker works on a fixed list: restart it
+            self._health_task.cancel()
+            self._health_task = None
+            self.start()
 
     # -- lifecycle ----------------------------------------------------------------------
 

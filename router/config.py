@@ -166,7 +166,22 @@ Balancer = Literal["round_robin", "least_request", "random", "hash"]
 
 
 class ClusterConfig(Strict):
-    endpoints: list[Address] = Field(min_length=1)
+    # For editors: fixed endpoints (at least one) or a service with its port.
+    model_config = ConfigDict(
+        **Strict.model_config,
+        json_schema_extra={
+            "anyOf": [
+                {"required": ["endpoints"], "properties": {"endpoints": {"minItems": 1}}},
+                {"required": ["service", "port"]},
+            ]
+        },
+    )
+
+    endpoints: list[Address] = Field(default_factory=list, description="fixed upstream addresses")
+    service: str | None = Field(
+        default=None, description="follow this registry service's healthy instances instead of fixed endpoints"
+    )
+    port: str | None = Field(default=None, description="with service: the instances' named port to use")
     balancer: Balancer = "round_robin"
     hash_on: HashOn | None = Field(
         default=None, description="for balancer: hash; without it the client address is hashed"
@@ -176,6 +191,20 @@ class ClusterConfig(Strict):
     limits: LimitsConfig = LimitsConfig()
     connect_timeout: Duration = 5.0
     idle_timeout: Duration = Field(default=60.0, description="idle upstream keep-alive connections close after this")
+
+    @model_validator(mode="after")
+    def _source(self) -> ClusterConfig:
+        if self.service is None:
+            if not self.endpoints:
+                raise ValueError("a cluster needs 'endpoints' (a list of host:port) or 'service' (a registry service)")
+            if self.port is not None:
+                raise ValueError("'port' names a registry service's port; it needs 'service'")
+        else:
+            if self.endpoints:
+                raise ValueError("a cluster takes 'endpoints' or 'service', not both")
+            if self.port is None:
+                raise ValueError("a cluster following a service needs 'port': the instances' named port")
+        return self
 
 
 class RouteMatch(Strict):

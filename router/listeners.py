@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Protocol
 
+from discovery.model import Catalog, Snapshot
 from l7.pg_filter import PgContext
 from l7.policy import PolicyEngine
 from l7.policy_config import PolicyRule
@@ -136,9 +137,14 @@ class ListenerHandle:
 class Router:
     """Owns every listener and cluster of the process."""
 
-    def __init__(self, stats: RouterStats | None = None, sql_stats: SqlStats | None = None) -> None:
+    def __init__(
+        self, stats: RouterStats | None = None, sql_stats: SqlStats | None = None, catalog: Catalog | None = None
+    ) -> None:
         self.stats = stats or RouterStats()
         self.sql_stats = sql_stats or SqlStats()
+        # The registry's view, for clusters that follow a service (None: no discovery running).
+        self.catalog = catalog
+        self._following: dict[Cluster, Callable[[], None]] = {}
         self.clusters: dict[str, Cluster] = {}
         self.listeners: dict[str, ListenerHandle] = {}
         self.stats.clusters_source = self._all_clusters
@@ -211,6 +217,7 @@ class Router:
                 handle.cluster = new_clusters[config.to] if config.to is not None else None
                 handle.pg, handle.pg_tls = sql.get(config.name, (None, None))
             for cluster in new_clusters.values():
+                self._follow(cluster)
                 cluster.start()
             old_clusters, self.clusters = self.clusters, new_clusters
             old_handles, self.listeners = self.listeners, new_handles
@@ -229,7 +236,25 @@ class Router:
                 await handle.start()
             for name, cluster in old_clusters.items():
                 if new_clusters.get(name) is not cluster:
+                    unsubscribe = self._following.pop(cluster, None)
+                    if unsubscribe is not None:
+                        unsubscribe()
                     await cluster.stop()
+
+    def _follow(self, cluster: Cluster) -> None:
+        """A cluster naming a service takes its endpoints from every catalog snapshot: the
+        usable instances (passing, else warning) that have the named port."""
+        service, port = cluster.config.service, cluster.config.port
+        if service is None or port is None or cluster in self._following:
+            return
+        if self.catalog is None:
+            log.warning("cluster %s follows service %r, but no registry runs here: no endpoints", cluster.name, service)
+            return
+
+        def update(snapshot: Snapshot) -> None:
+            cluster.set_endpoints([(i.address, i.ports[port]) for i in snapshot.usable(service) if port in i.ports])
+
+        self._following[cluster] = self.catalog.subscribe(update)
 
     def _sql_context(
         self, config: ListenerConfig, rules: Mapping[str, PolicyRule], old: ListenerHandle | None
@@ -276,6 +301,9 @@ class Router:
         for task in list(self._background):
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
+        for unsubscribe in self._following.values():
+            unsubscribe()
+        self._following.clear()
         for cluster in self.clusters.values():
             await cluster.stop()
 
