@@ -227,34 +227,41 @@ def split(sql: str, dialect: str = "postgres", *, backslash_escapes: bool | None
 # Lexing costs ~0.5 us a token, ~25 us for a pgbench statement, and the digest it yields is only
 # a cache key. Most queries an application sends differ from the last one only in literal
 # values, so a first-level cache keyed by a *skeleton* (the text with plain numbers and plain
-# single-quoted strings replaced by "?") answers them after one regex substitution.
+# single-quoted strings replaced by a placeholder) answers them after one regex substitution.
 #
 # Soundness: two texts with the same skeleton differ only inside replaced spans, each of which
-# the lexer also reads as one literal token (the lookarounds keep digits that belong to a word,
-# a $n parameter or an identifier). That holds only where no comment, dollar quote or backslash
-# escape can change where a literal or a statement ends, so texts containing "--", "/*", "\",
-# a dollar-quote opener, or a quote left unpaired after the substitution get no skeleton
-# (None) and go through the lexer.
+# the lexer also reads as one literal token (the lookarounds keep digits that touch a word, a
+# $n parameter, an identifier or a ".", so "4.4.4" or ".4.4" stay as written). That holds only
+# where no comment, dollar quote or backslash escape can change where a literal or a statement
+# ends, so texts containing "--", "/*", "\", a dollar-quote opener, or a quote left unpaired
+# after the substitution get no skeleton (None) and go through the lexer.
 _PG_UNSAFE = re.compile(r"--|/\*|\\|\$(?:[A-Za-z_\x80-\U0010ffff][\w\x80-\U0010ffff]*)?\$")
-_PG_LITERALS = re.compile(r"'(?:[^']|'')*'|(?<![\w$])\d+(?:\.\d*)?(?:[eE][+-]?\d+)?(?![\w$])")
-_PG_LITERALS_DQ = re.compile(r"(\"(?:[^\"]|\"\")*\")|'(?:[^']|'')*'|(?<![\w$])\d+(?:\.\d*)?(?:[eE][+-]?\d+)?(?![\w$])")
+_NUMBER = r"(?<![\w$.])(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?(?![\w$.])"
+_PG_LITERALS = re.compile(r"'(?:[^']|'')*'|" + _NUMBER)
+_PG_LITERALS_DQ = re.compile(r"(\"(?:[^\"]|\"\")*\")|'(?:[^']|'')*'|" + _NUMBER)
+
+
+# The placeholder must not occur in any text that gets a skeleton, or "1?" and "??" would
+# share one (PostgreSQL has "?" operators): NUL cannot be in a query (the protocol's strings
+# are NUL-terminated), and a text holding one gets no skeleton.
+_HOLE = "\0"
 
 
 def _keep_identifiers(m: re.Match[str]) -> str:
-    return m.group(1) or "?"
+    return m.group(1) or _HOLE
 
 
 def skeleton(sql: str) -> str | None:
-    """PostgreSQL text with plain literals replaced by ``?``, or None when that could be
+    """PostgreSQL text with plain literals replaced by a NUL, or None when that could be
     ambiguous (see above). Equal skeletons classify alike; the converse need not hold."""
-    if _PG_UNSAFE.search(sql):
+    if _HOLE in sql or _PG_UNSAFE.search(sql):
         return None
     if '"' in sql:
         key = _PG_LITERALS_DQ.sub(_keep_identifiers, sql)
         if key.count('"') % 2:
             return None
     else:
-        key = _PG_LITERALS.sub("?", sql)
+        key = _PG_LITERALS.sub(_HOLE, sql)
     if "'" in key.replace('"', ""):  # an unpaired quote: leave it to the lexer
         return None
     return key
