@@ -8,10 +8,11 @@ CONFIG ?= configs/default.yaml
 .PHONY: run test deps lint typecheck bench clean
 
 # Programs from Debian's packages, as CHECK:PACKAGE (see the script): a real PostgreSQL for the
-# tests and `pointsman up` (server binaries, psql, pgbench). Installed when missing and we are
-# root; otherwise the script says what is missing and the tests needing it skip.
+# tests (server binaries, psql, pgbench), openssl (test certificates) and dig (DNS tests).
+# Installed when missing and we are root; otherwise the script says what is missing and the
+# tests needing it skip.
 DEBIAN_DEPS := '/usr/lib/postgresql/*/bin/initdb:postgresql' '/usr/lib/postgresql/*/bin/postgres:postgresql' \
-	psql:postgresql-client pgbench:postgresql-client openssl:openssl
+	psql:postgresql-client pgbench:postgresql-client openssl:openssl dig:bind9-dnsutils
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -40,6 +41,8 @@ typecheck: $(STAMP)
 bench: $(STAMP)
 	bash bench/http.sh
 	bash bench/tcp.sh
+	bash bench/pg.sh
+	bash bench/dns.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -12,6 +12,8 @@
 Every answer carries ``X-Pointsman-Index`` (the registry revision it reflects), as Consul's
 ``X-Consul-Index``: a client passes it back as ``index`` to wait for the next change.
 Validation errors are 400 with ``{"errors": [{"path": "ports.http", "reason": ...}]}``.
+A register or deregister answers once the catalog shows it (read your writes: a DNS query or a
+request through the router right after the 200 already sees the change).
 """
 
 from __future__ import annotations
@@ -93,12 +95,15 @@ def registry_routes(registry: Registry) -> list[web.RouteDef]:
         except ValidationError as exc:
             return _bad(_errors(exc))
         revision = await registry.register(reg)
+        # Read your writes: answer once the catalog (DNS, the router) shows the registration.
+        await registry.wait_for_change(revision - 1, 1.0)
         return web.json_response({"revision": revision}, headers={INDEX_HEADER: str(revision)})
 
     async def deregister(request: web.Request) -> web.Response:
         found = await registry.deregister(request.match_info["service"], request.match_info["id"])
         if not found:
             return web.json_response({"errors": [{"path": "id", "reason": "no such instance"}]}, status=404)
+        await registry.wait_for_change(registry.store.revision - 1, 1.0)
         return web.json_response({"deregistered": True})
 
     async def heartbeat(request: web.Request) -> web.Response:

@@ -55,7 +55,7 @@ def _run(main: Callable[[], Coroutine[Any, Any, int]]) -> int:
 # -- serving ---------------------------------------------------------------------------
 
 
-def _serve(args: argparse.Namespace, *, router: bool) -> int:
+def _serve(args: argparse.Namespace, *, router: bool, discovery: bool | None = None) -> int:
     try:
         config = load_file(args.config)
     except ConfigError as exc:
@@ -67,6 +67,7 @@ def _serve(args: argparse.Namespace, *, router: bool) -> int:
             config,
             args.config,
             router=router,
+            discovery=discovery,
             drain_timeout=args.drain_timeout,
             watch_interval=None if args.no_watch else args.watch_interval,
         )
@@ -89,12 +90,16 @@ def _serve(args: argparse.Namespace, *, router: bool) -> int:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    # Discovery and the scheduler join here when their sections exist in the config.
+    # Discovery runs when the config has a discovery section; the scheduler will join here.
     return _serve(args, router=True)
 
 
 def cmd_router(args: argparse.Namespace) -> int:
-    return _serve(args, router=True)
+    return _serve(args, router=True, discovery=False)
+
+
+def cmd_dns(args: argparse.Namespace) -> int:
+    return _serve(args, router=False, discovery=True)
 
 
 # -- offline commands --------------------------------------------------------------------
@@ -265,6 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     serving("up", "run every component the config file configures").set_defaults(func=cmd_up)
     serving("router", "run the router's listeners and the admin API").set_defaults(func=cmd_router)
+    serving("dns", "run the service registry, its API and the DNS server (the discovery section)").set_defaults(
+        func=cmd_dns
+    )
 
     check = commands.add_parser("check-config", help="validate config files", parents=[common])
     check.add_argument("files", nargs="+", metavar="FILE")

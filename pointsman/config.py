@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from discovery.config import DiscoveryConfig
 from l7.policy_config import PolicyRule
 from pointsman.errors import ConfigError, ConfigProblem
 from router.config import Address, ClusterConfig, ListenerConfig, check_references
@@ -36,6 +37,9 @@ class Config(BaseModel):
     admin: AdminConfig = AdminConfig()
     clusters: dict[str, ClusterConfig] = Field(default_factory=dict)
     listeners: list[ListenerConfig] = Field(default_factory=list)
+    discovery: DiscoveryConfig | None = Field(
+        default=None, description="the service registry and its DNS server (runs when present)"
+    )
     policies: list[PolicyRule] = Field(
         default_factory=list, description="SQL statement policies; a SQL listener lists the ones it applies"
     )

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from discovery.model import Catalog
 from pointsman.config import Config, load_file
 from pointsman.errors import ConfigError, ConfigProblem
 from pointsman.metrics import build_registry
@@ -87,8 +88,8 @@ class RouterComponent(Component):
     name = "router"
     config_section = "listeners"
 
-    def __init__(self, stats: RouterStats) -> None:
-        self.router = Router(stats)
+    def __init__(self, stats: RouterStats, catalog: Catalog | None = None) -> None:
+        self.router = Router(stats, catalog=catalog)
         self._sampler: asyncio.Task[None] | None = None
 
     async def start(self, config: Config) -> None:
@@ -442,16 +443,29 @@ def build_supervisor(
     config_path: str | Path,
     *,
     router: bool = True,
+    discovery: bool | None = None,
     drain_timeout: float = DEFAULT_DRAIN_TIMEOUT,
     watch_interval: float | None = DEFAULT_WATCH_INTERVAL,
     handle_signals: bool = True,
 ) -> Supervisor:
     """The supervisor for a command: which components it runs is the command's choice
-    (``up`` runs everything the file configures, ``router`` the router only)."""
+    (``up`` runs everything the file configures, ``router`` the router only, ``dns`` the
+    registry and DNS only). ``discovery=None``: when the config has a discovery section.
+
+    Discovery starts first and stops last: the router's clusters that follow a service read
+    its catalog."""
     stats = RouterStats()
     components: list[Component] = []
+    catalog: Catalog | None = None
+    if discovery is None:
+        discovery = config.discovery is not None
+    if discovery:
+        from pointsman.discovery_component import DiscoveryComponent
+
+        catalog = Catalog()
+        components.append(DiscoveryComponent(catalog))
     if router:
-        components.append(RouterComponent(stats))
+        components.append(RouterComponent(stats, catalog))
     return Supervisor(
         config,
         config_path,
