@@ -1,19 +1,20 @@
 """The upstream half of a client connection: forward the request at the front of the queue,
-relay its response, retry, time out, count.
+relay its response, time out, count.
 
 :class:`HttpExchange` is the base of :class:`router.http_proxy.HttpProxyProtocol`, which adds
-the client side (parsing, pipelining, refusing bad input). Split this way, this module reads
-as the life of one request after its head was parsed::
+the client side (parsing, pipelining, refusing bad input); its mixin
+:class:`router.http_tries.Tries` gets a try its connection when the fast path has none, and
+handles failures and retries. Split this way, this module reads as the ordinary life of one
+request after its head was parsed::
 
-    _kick -> _start (route timeout, max_requests) -> _try (pick an endpoint; a pooled
-      connection, a new one, or a wait for a slot) -> _attach (head + body so far)
+    _kick -> _start (route timeout, max_requests; a pooled connection to the endpoint, else
+      Tries._try / _try_endpoint: a new one, or a wait for a slot) -> _attach (head + body so far)
     upstream_head -> upstream_body* -> upstream_flush (one write per upstream read)
       -> upstream_done -> _finish (metrics; next request, idle, or close)
-    failures: upstream_failed / _try_timeout / route timeout -> _retry or _fail
+    failures (Tries): upstream_failed / _try_timeout / route timeout -> _retry or _fail
 
 Only the request at the front of the queue talks to an upstream; ``self.conn`` is its
-connection (or the tunnel's, after a 101).
-"""
+connection (or the tunnel's, after a 101)."""
 
 from __future__ import annotations
 
@@ -26,7 +27,6 @@ from router import http_upstream as pool
 from router.http_headers import (
     CHUNKED_LINE,
     CLOSE_LINE,
-    CONTINUE_100,
     CRLF,
     KEEP_ALIVE_LINE,
     LAST_CHUNK,
@@ -38,39 +38,33 @@ from router.http_headers import (
     status_line,
 )
 from router.http_request import Request
-from router.routes import IDEMPOTENT_METHODS
+from router.http_states import (
+    M_LINGER,
+    M_NORMAL,
+    M_TUNNEL,
+    P_PIPELINE,
+    P_UPSTREAM,
+    P_WAIT,
+    T_HEADERS,
+    T_IDLE,
+    T_LINGER,
+    T_NONE,
+    T_RESPONSE,
+)
+from router.http_tries import Tries
 
 if TYPE_CHECKING:
-    from router.cluster import Cluster, Endpoint
+    from router.cluster import Cluster
     from router.http_upstream import UpstreamConnection
     from router.listeners import ListenerHandle
     from router.routes import Route
-
-# Why reading from the client is paused (a bit each; reading resumes when none is left).
-P_PIPELINE = 1  # a request is queued behind the one in flight
-P_UPSTREAM = 2  # the upstream socket's write buffer is full
-P_WAIT = 4  # body bytes pile up while no upstream connection is ready (or a 101 is awaited)
-P_DEAD = 8  # the request stream is unusable (parse error): nothing more is read
-
-# What the connection timer is measuring.
-T_NONE = 0
-T_IDLE = 1  # keep-alive connection between requests
-T_HEADERS = 2  # a request head is arriving
-T_RESPONSE = 3  # the route timeout of the request in flight
-T_LINGER = 4  # discarding input after the last answer, before closing
-
-# Connection modes other than plain request/response.
-M_NORMAL = 0
-M_UPGRADING = 1  # an Upgrade request was parsed: what follows is tunnel data (or nothing)
-M_TUNNEL = 2  # after a 101: raw bytes both ways
-M_LINGER = 3  # answered and closing: input is discarded
 
 LINGER_SECONDS = 2.0
 NEVER = 10 * 365 * 86400.0
 _CLASSES = ("1xx", "1xx", "2xx", "3xx", "4xx", "5xx")
 
 
-class _Labels:
+class Labels:
     """Metric label tuples of one (listener, route, cluster), built once and reused."""
 
     __slots__ = ("by_class", "duration", "retries")
@@ -81,22 +75,23 @@ class _Labels:
         self.retries = (listener, route, cluster)
 
 
-_label_cache: dict[tuple[str, str, str], _Labels] = {}
+_label_cache: dict[tuple[str, str, str], Labels] = {}
 
 
-def labels_for(listener: str, route: str, cluster: str) -> _Labels:
+def labels_for(listener: str, route: str, cluster: str) -> Labels:
     key = (listener, route, cluster)
     labels = _label_cache.get(key)
     if labels is None:
-        labels = _label_cache[key] = _Labels(listener, route, cluster)
+        labels = _label_cache[key] = Labels(listener, route, cluster)
     return labels
 
 
-class HttpExchange(asyncio.Protocol):
+class HttpExchange(Tries, asyncio.Protocol):
     """State shared by both halves of a client connection, and the upstream half."""
 
     # Slots: a fixed layout keeps every attribute access of the hot path a slot read.
     __slots__ = (
+        "buckets",
         "client_ip",
         "closed",
         "conn",
@@ -107,15 +102,18 @@ class HttpExchange(asyncio.Protocol):
         "eof_out",
         "forwarded",
         "hc_head",
+        "hc_host",
         "hc_method",
         "hc_parts",
         "hc_url",
+        "head_end",
         "header_timeout",
         "idle_timeout",
         "kicking",
         "last_cluster",
         "last_labels",
         "last_route",
+        "last_row",
         "listener",
         "loop",
         "mode",
@@ -126,6 +124,7 @@ class HttpExchange(asyncio.Protocol):
         "parsing",
         "queue",
         "read_pause",
+        "spare",
         "stats",
         "timer",
         "timer_at",
@@ -141,6 +140,8 @@ class HttpExchange(asyncio.Protocol):
         self.loop = asyncio.get_running_loop()
         settings = listener.config.http
         self.forwarded = settings.xff
+        # What ends every relayed response head (after a Connection line, if any).
+        self.head_end = VIA_LINE + CRLF if self.forwarded else CRLF
         # 0 disables a timeout: a deadline that never comes keeps the hot path branch-free.
         self.idle_timeout = settings.idle_timeout or NEVER
         self.header_timeout = settings.header_timeout or NEVER
@@ -148,6 +149,7 @@ class HttpExchange(asyncio.Protocol):
         self.client_ip = b""
         self.queue: deque[Request] = deque()  # the first is in flight; the rest wait
         self.parsing: Request | None = None  # message begun, not complete
+        self.spare: Request | None = None  # a done request to renew for the next one (_finish)
         self.conn: UpstreamConnection | None = None  # serving queue[0] (or the tunnel)
         self.out: list[bytes] = []  # response bytes of the current upstream read, not yet written
         self.mode = M_NORMAL
@@ -167,11 +169,15 @@ class HttpExchange(asyncio.Protocol):
         self.last_route: Route | None = None
         self.last_cluster: Cluster | None = None
         self.last_labels = self.no_route_labels = labels_for(self.name, "", "")
+        # The request-duration histogram's row for last_labels (None until looked up).
+        self.last_row: list[float] | None = None
+        self.buckets = self.stats.http_duration.buckets
         # The upstream head of the last request built on this connection, and what it was
         # built from (see _attach).
         self.hc_parts: list[bytes] | None = None
         self.hc_url = b""
         self.hc_method = b""
+        self.hc_host = b""
         self.hc_head = b""
 
     # -- reading switches ----------------------------------------------------------------------
@@ -250,16 +256,6 @@ class HttpExchange(asyncio.Protocol):
     def _header_timeout(self) -> None:
         raise NotImplementedError  # the client side refuses the request (408)
 
-    def _response_timeout(self, req: Request) -> None:
-        if req.sent:
-            self._drop_upstream(req)
-            self._finish(req, abort=True)
-            return
-        endpoint = req.endpoint
-        if endpoint is not None and req.cluster is not None and not req.waiting:
-            req.cluster.record_failure(endpoint)
-        self._fail(req, "timeout")
-
     # -- dispatch ------------------------------------------------------------------------------
 
     def _kick(self) -> None:
@@ -308,7 +304,8 @@ class HttpExchange(asyncio.Protocol):
             # parked connection (take_idle) when that one is alive.
             available = cluster.available
             if available:
-                endpoint = cluster.balancer.pick(available, req.hash_key)
+                # With one endpoint available every balancer picks it: skip the call.
+                endpoint = available[0] if len(available) == 1 else cluster.balancer.pick(available, req.hash_key)
                 idle = endpoint.idle
                 if idle:
                     conn = idle[-1]
@@ -325,175 +322,73 @@ class HttpExchange(asyncio.Protocol):
                 return
         self._try(req, None)
 
-    def _try(self, req: Request, exclude: Endpoint | None) -> None:
-        cluster = req.cluster
-        assert cluster is not None and req.route is not None
-        if exclude is None:
-            # Cluster.pick, inlined: this runs for every request.
-            available = cluster.available
-            endpoint = cluster.balancer.pick(available, req.hash_key) if available else None
-        else:
-            endpoint = cluster.pick(req.hash_key, exclude)
-        if endpoint is None:
-            self._local(req, 503, b"no healthy upstream\n")
-            return
-        self._try_endpoint(req, endpoint)
-
-    def _try_endpoint(self, req: Request, endpoint: Endpoint) -> None:
-        cluster = req.cluster
-        assert cluster is not None and req.route is not None
-        endpoint.active += 1
-        req.endpoint = endpoint
-        conn = pool.take_idle(endpoint) if endpoint.idle else None
-        if conn is None:
-            if cluster.connections >= cluster.max_connections and (
-                pool.has_waiters(cluster) or not pool.steal_idle(cluster)
-            ):
-                if cluster.pending >= cluster.max_pending:
-                    self._release(req)
-                    self._overflow(req, cluster, "max_pending")
-                    return
-                req.waiting = True
-                pool.wait_for_slot(cluster, self)
-            else:
-                req.connecting = True
-                self.conn = pool.connect(endpoint, self, self.stats)
-        if req.expect_continue:
-            self._continue(req)
-        if conn is not None:
-            self._attach(req, conn)
-        retries = req.route.retries
-        if retries is not None and retries.per_try_timeout and not req.done:
-            req.try_timer = self.loop.call_later(retries.per_try_timeout, self._try_timeout, req)
-
-    def _continue(self, req: Request) -> None:
-        # Expect: 100-continue is answered here, once the request is routed and about to be
-        # forwarded; the upstream never sees the Expect header (Envoy's default).
-        if not req.continued and not req.body_started and self.transport is not None and not self.closed:
-            req.continued = True
-            self.transport.write(CONTINUE_100)
-
     def _attach(self, req: Request, conn: UpstreamConnection) -> None:
         """Write the request (head and the body so far) to a ready connection."""
         self.conn = conn
         req.conn = conn
-        req.connecting = False
         if self.write_paused:
             conn.pause_reading()
-        head = req.head
-        if not head:
-            if (
-                req.parts == self.hc_parts
-                and req.url == self.hc_url
-                and req.method == self.hc_method
-                and req.host
-                and not req.conn_extra
-                and not req.chunked
-                and not req.upgrade
-                and req.xff is None
-                and req.via is None
-            ):
-                # The same head as this connection's previous request (keep-alive clients
-                # repeat themselves): build_head would return the same bytes.
-                head = req.head = self.hc_head
-            else:
-                head = req.head = req.build_head(self.client_ip, self.forwarded, conn.endpoint.key.encode())
-                if (
-                    req.host
-                    and not req.conn_extra
-                    and not req.chunked
-                    and not req.upgrade
-                    and req.xff is None
-                    and req.via is None
-                ):
-                    self.hc_parts, self.hc_url, self.hc_method, self.hc_head = req.parts, req.url, req.method, head
+        # Set already when on_headers_complete found the head in the cache (see _build_head).
+        head = req.head or self._build_head(req, conn)
         if req.pending:
-            conn.send(self, b"".join((head, *req.pending)), req.method == b"HEAD")
-            req.pending = []
+            head = b"".join((head, *req.pending))
+            req.pending = ()
             req.pending_size = 0
-        else:
-            conn.send(self, head, req.method == b"HEAD")
+        # UpstreamConnection.send, inlined: this runs for every request.
+        conn.owner = self
+        conn.expecting = True
+        conn.got_bytes = False
+        conn.head_request = req.method == b"HEAD"
+        if conn.status:  # UpstreamConnection.reset_response, inlined
+            conn.status = 0
+            conn.parts = []
+            conn.has_length = False
+            conn.body_left = 0
+            conn.chunked = False
+            conn.te_value = b""
+            conn.close_delimited = False
+            conn.keep_alive = True
+            conn.upgrade_value = None
+            conn.conn_extra = None
+            conn.interim = False
+            conn.rechunk = False
+        transport = conn.transport
+        assert transport is not None
+        transport.write(head)
         if self.read_pause & P_WAIT:
             self._unpause(P_WAIT)
 
-    def _release(self, req: Request) -> None:
-        """Give back what the current try of ``req`` holds (endpoint, pending slot, timer)."""
-        if req.try_timer is not None:
-            req.try_timer.cancel()
-            req.try_timer = None
-        if req.waiting:
-            req.waiting = False
-            assert req.cluster is not None
-            pool.stop_waiting(req.cluster, self)
-        req.conn = None
-        req.connecting = False
-        if req.endpoint is not None:
-            req.endpoint.active -= 1
-            req.endpoint = None
-
-    def _drop_upstream(self, req: Request) -> None:
-        """Abandon the current try: its connection cannot be reused mid-request."""
-        conn, self.conn = self.conn, None
-        if conn is not None and conn.owner is self:
-            if req.connecting:
-                conn.owner = None  # let the connect finish; the connection is then pooled
-            else:
-                conn.abort()
-        self._release(req)
+    def _build_head(self, req: Request, conn: UpstreamConnection) -> bytes:
+        """The request's upstream head. Remembered as this connection's head cache when only
+        the method, target and forwarded fields went into it (keep-alive clients repeat
+        themselves: the client side reuses it for an identical request)."""
+        head = req.head = req.build_head(self.client_ip, self.forwarded, conn.endpoint.key.encode())
+        if req.cacheable_head():
+            self.hc_parts, self.hc_url, self.hc_method, self.hc_host, self.hc_head = (
+                req.parts,
+                req.url,
+                req.method,
+                req.host,
+                head,
+            )
+        return head
 
     # -- upstream callbacks --------------------------------------------------------------------
 
-    def upstream_ready(self, conn: UpstreamConnection) -> None:
-        req = self.queue[0] if self.queue else None
-        if req is not None and not self.closed:
-            if req.connecting and conn is self.conn:
-                self._attach(req, conn)
-                return
-            if req.waiting and self.conn is None:
-                req.waiting = False
-                if conn.endpoint is not req.endpoint:
-                    # Handed a connection to another endpoint of the cluster: use it.
-                    if req.endpoint is not None:
-                        req.endpoint.active -= 1
-                    conn.endpoint.active += 1
-                    req.endpoint = conn.endpoint
-                self._attach(req, conn)
-                return
-        pool.release(conn, not conn.expecting)
-
-    def upstream_slot(self) -> None:
-        req = self.queue[0] if self.queue else None
-        if req is None or not req.waiting or self.closed or req.endpoint is None:
-            return
-        req.waiting = False
-        req.connecting = True
-        self.conn = pool.connect(req.endpoint, self, self.stats)
-
     def upstream_head(self, conn: UpstreamConnection) -> None:
-        if conn is not self.conn or not self.queue:
+        queue = self.queue
+        if conn is not self.conn or not queue:
             return
-        req = self.queue[0]
+        req = queue[0]
         if req.try_timer is not None:
             req.try_timer.cancel()
             req.try_timer = None
         status = conn.status
-        cluster = req.cluster
         endpoint = req.endpoint
-        assert cluster is not None and endpoint is not None
-        if status >= 500:
-            cluster.record_failure(endpoint)
-            if self._can_retry(req, "gateway-error" if status in (502, 503, 504) else "5xx"):
-                self._drop_upstream(req)
-                self._retry(req, endpoint)
-                return
-        elif endpoint.consecutive_failures:
-            cluster.record_success(endpoint)
-        if status == 101:
-            if not req.upgrade or conn.upgrade_value is None:
-                self._drop_upstream(req)
-                self._fail(req, "protocol")
-                return
-            self._start_tunnel(req, conn)
+        assert endpoint is not None
+        if (status >= 500 or status == 101 or endpoint.consecutive_failures) and self._unusual_head(
+            req, conn, endpoint, status
+        ):
             return
         close = req.close_after or not req.keep_alive or self.draining or not req.complete or req.upgrade
         # Written into self.out directly: the body parsed from the same read joins it
@@ -506,7 +401,7 @@ class HttpExchange(asyncio.Protocol):
             if req.http10:
                 close = True  # no chunked for HTTP/1.0: the body ends when we close
             else:
-                req.resp_chunked = True
+                req.resp_chunked = conn.rechunk = True
                 if conn.chunked:  # keep other codings it names (gzip, chunked)
                     out += (b"Transfer-Encoding: ", conn.te_value, CRLF)
                 else:
@@ -515,9 +410,7 @@ class HttpExchange(asyncio.Protocol):
             out.append(CLOSE_LINE)
         elif req.http10:
             out.append(KEEP_ALIVE_LINE)
-        if self.forwarded:
-            out.append(VIA_LINE)
-        out.append(CRLF)
+        out.append(self.head_end)
         req.close_after = close
         req.status = status
         req.sent = True
@@ -538,59 +431,24 @@ class HttpExchange(asyncio.Protocol):
         self.out = []
 
     def upstream_done(self, conn: UpstreamConnection) -> None:
-        if conn is not self.conn or not self.queue:
+        queue = self.queue
+        if conn is not self.conn or not queue:
             return
-        req = self.queue[0]
+        req = queue[0]
         out = self.out
         if req.resp_chunked:
             out.append(LAST_CHUNK)
         if out:  # _flush, inlined
-            if self.transport is not None and not self.closed:
-                self.transport.write(out[0] if len(out) == 1 else b"".join(out))
+            transport = self.transport
+            if transport is not None and not self.closed:
+                transport.write(out[0] if len(out) == 1 else b"".join(out))
             self.out = []
         self.conn = None
         if self.read_pause & P_UPSTREAM:
             self._unpause(P_UPSTREAM)
-        pool.release(conn, conn.keep_alive and req.complete)
-        self._finish(req)
-
-    def upstream_failed(self, conn: UpstreamConnection, kind: str) -> None:
-        if conn is not self.conn:
-            return
-        self.conn = None
-        if self.mode == M_TUNNEL:
-            self._close()
-            return
-        req = self.queue[0]
-        endpoint = req.endpoint
-        assert endpoint is not None and req.cluster is not None
-        self._unpause(P_UPSTREAM)
-        # A reused keep-alive connection that the server closed just as we wrote to it: the
-        # request never reached the application, so one more try is safe and not a failure.
-        if (
-            kind == "reset"
-            and conn.reused
-            and not conn.got_bytes
-            and not req.retried_reuse
-            and not req.sent
-            and req.wire is not None
-            and req.method_str in IDEMPOTENT_METHODS
-        ):
-            req.retried_reuse = True
-            self._release(req)
-            self._retry(req, None, count=False)
-            return
-        req.cluster.record_failure(endpoint)
-        self._release(req)
-        if req.sent:
-            # The response was partly written: the client can only learn of the failure by
-            # the connection ending early.
-            self._finish(req, abort=True)
-            return
-        if self._can_retry(req, "connect-failure" if kind == "connect" else "reset"):
-            self._retry(req, endpoint)
-            return
-        self._fail(req, kind)
+        now = self.loop.time()
+        pool.release(conn, conn.keep_alive and req.complete, now)
+        self._finish(req, now=now)
 
     def upstream_tunnel_data(self, conn: UpstreamConnection, data: bytes) -> None:
         if self.transport is not None and not self.closed:
@@ -611,50 +469,6 @@ class HttpExchange(asyncio.Protocol):
         if conn is self.conn:
             self._unpause(P_UPSTREAM)
 
-    # -- retries and failures ------------------------------------------------------------------
-
-    def _can_retry(self, req: Request, condition: str) -> bool:
-        if req.tries_left <= 0 or req.sent or req.wire is None or self.closed:
-            return False
-        assert req.route is not None and req.route.retries is not None
-        on = req.route.retries.on
-        return condition in on or "5xx" in on
-
-    def _retry(self, req: Request, failed: Endpoint | None, count: bool = True) -> None:
-        if count:
-            req.tries_left -= 1
-            self.stats.http_retries.inc(self._labels_of(req).retries)
-        req.pending = list(req.wire or ())
-        req.pending_size = req.wire_size
-        self._try(req, failed)
-
-    def _fail(self, req: Request, kind: str) -> None:
-        if kind == "connect":
-            self._local(req, 503, b"upstream connect error\n")
-        elif kind == "timeout":
-            self._local(req, 504, b"upstream request timeout\n")
-        else:
-            self._local(req, 502, b"upstream connection reset or malformed response\n")
-
-    def _try_timeout(self, req: Request) -> None:
-        req.try_timer = None
-        if not self.queue or self.queue[0] is not req or req.sent or req.done:
-            return
-        endpoint = req.endpoint
-        if endpoint is not None and req.cluster is not None and not req.waiting:
-            req.cluster.record_failure(endpoint)
-        self._drop_upstream(req)
-        if self._can_retry(req, "gateway-error"):
-            self._retry(req, endpoint)
-        else:
-            self._fail(req, "timeout")
-
-    def _overflow(self, req: Request, cluster: Cluster, limit: str) -> None:
-        cluster.overflows += 1
-        self.stats.upstream_overflows.inc((cluster.name, limit))
-        what = b"max_requests" if limit == "max_requests" else b"max_connections and max_pending"
-        self._local(req, 503, b"upstream overflow: %b reached\n" % what)
-
     # -- finishing -----------------------------------------------------------------------------
 
     def _local(self, req: Request, status: int, body: bytes, close: bool = False) -> None:
@@ -670,7 +484,7 @@ class HttpExchange(asyncio.Protocol):
         req.status = status
         self._finish(req)
 
-    def _labels_of(self, req: Request) -> _Labels:
+    def _labels_of(self, req: Request) -> Labels:
         route, cluster = req.route, req.cluster
         if route is None or cluster is None:
             return self.no_route_labels
@@ -678,43 +492,50 @@ class HttpExchange(asyncio.Protocol):
             return self.last_labels
         labels = labels_for(self.name, route.name, cluster.name)
         self.last_route, self.last_cluster, self.last_labels = route, cluster, labels
+        self.last_row = None
         return labels
 
-    def _finish(self, req: Request, abort: bool = False) -> None:
-        """The response of the request at the front of the queue is written (or failed)."""
+    def _finish(self, req: Request, abort: bool = False, now: float = 0.0) -> None:
+        """The response of the request at the front of the queue is written (or failed).
+        ``now``: the loop's time, when the caller has it at hand."""
         req.done = True
         if req.pending:
-            req.pending = []
+            req.pending = ()
         endpoint = req.endpoint
         if req.try_timer is not None or req.waiting:
             self._release(req)
         elif endpoint is not None:
-            # _release, inlined for the usual case (no try timer, not waiting).
-            req.connecting = False
+            # _release, inlined for the usual case (no try timer, not waiting; a request whose
+            # response came is not connecting either).
             endpoint.active -= 1
             req.endpoint = None
         req.conn = None
         if req.counted:
             req.counted = False
-            assert req.cluster is not None
-            req.cluster.requests -= 1
-        now = self.loop.time()
+            cluster = req.cluster
+            assert cluster is not None
+            cluster.requests -= 1
+        if not now:
+            now = self.loop.time()
         status = req.status
         if status:
+            stats = self.stats
             if req.route is self.last_route and req.cluster is self.last_cluster:
                 labels = self.last_labels
+                row = self.last_row
             else:
                 labels = self._labels_of(req)
-            stats = self.stats
+                row = None
             stats.http_requests.values[labels.by_class[status // 100]] += 1  # .inc(), inlined
-            duration = stats.http_duration
             elapsed = now - req.start
-            row = duration.series.get(labels.duration)
-            if row is None:
-                duration.observe(labels.duration, elapsed)
-            else:  # .observe(), inlined
-                row[bisect_left(duration.buckets, elapsed)] += 1
+            if row is not None:  # http_duration.observe(), inlined
+                row[bisect_left(self.buckets, elapsed)] += 1
                 row[-1] += elapsed
+            else:
+                duration = stats.http_duration
+                duration.observe(labels.duration, elapsed)
+                if labels is self.last_labels:
+                    self.last_row = duration.series.get(labels.duration)
         queue = self.queue
         if queue and queue[0] is req:
             queue.popleft()
@@ -739,6 +560,9 @@ class HttpExchange(asyncio.Protocol):
         else:
             if self.read_pause & P_PIPELINE:
                 self._unpause(P_PIPELINE)
+            if not req.odd and req.complete and not req.reject:
+                # Nothing refers to it any more, and only Request.renew's fields changed.
+                self.spare = req
             deadline = self.deadline = now + self.idle_timeout  # _arm(T_IDLE), inlined
             self.timer_kind = T_IDLE
             if self.timer is None or self.timer_at > deadline:

@@ -15,6 +15,11 @@ timeouts share one lazily re-armed timer per connection.
 
 Refused input (malformed, ambiguous length, header too large or too slow) is answered, counted
 in ``http_rejected`` by reason, and ends the connection; nothing of it reaches an upstream.
+
+Keep-alive clients repeat themselves, so a connection remembers a little of its last request:
+the routing decision (``rc_*``: same table, host, method and path), the upstream head
+(``hc_*``, see ``HttpExchange._build_head``), and the request object itself when it took the
+plain path (``spare``, see ``Request.renew``). Each is checked against what could differ.
 """
 
 from __future__ import annotations
@@ -24,17 +29,8 @@ from typing import TYPE_CHECKING
 
 from httptools import HttpParserCallbackError, HttpParserError, HttpParserUpgrade, HttpRequestParser, parse_url
 
-from router.http_exchange import (
-    M_LINGER,
-    M_NORMAL,
-    M_TUNNEL,
-    M_UPGRADING,
-    P_DEAD,
-    P_PIPELINE,
-    P_WAIT,
-    T_HEADERS,
-    HttpExchange,
-)
+from router import http_memory
+from router.http_exchange import HttpExchange
 from router.http_headers import (
     CRLF,
     H_CONNECTION,
@@ -56,6 +52,7 @@ from router.http_headers import (
     parse_connection,
 )
 from router.http_request import Request
+from router.http_states import M_LINGER, M_NORMAL, M_TUNNEL, M_UPGRADING, P_DEAD, P_PIPELINE, P_WAIT, T_HEADERS
 from router.routes import normalise_host
 
 if TYPE_CHECKING:
@@ -63,9 +60,11 @@ if TYPE_CHECKING:
     from router.listeners import ListenerHandle
     from router.routes import Route, RouteTable
 
+# Large responses would otherwise pay for page faults on memory glibc just gave back (see there).
+http_memory.tune_malloc()
+
 WAIT_BUFFER = 64 * 1024  # body bytes held while waiting for an upstream connection
 _kind_of = KIND_CACHE.get  # one global load and a call per header, no method lookup
-_METHODS = {m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH", "TRACE")}
 _NO_HEADERS: dict[str, str] = {}
 
 
@@ -85,13 +84,14 @@ class HttpProxyProtocol(HttpExchange):
         "head_raw",
         "in_headers",
         "max_header_bytes",
-        "odd_headers",
         "parser",
+        "rc_cluster",
         "rc_host",
         "rc_method",
         "rc_path",
         "rc_route",
         "rc_table",
+        "rc_url",
     )
 
     def __init__(self, listener: ListenerHandle) -> None:
@@ -101,13 +101,14 @@ class HttpProxyProtocol(HttpExchange):
         self.in_headers = False
         self.head_bytes = 0  # request line + header bytes of the request being parsed
         self.head_raw = 0  # bytes of reads that held nothing but (unfinished) header
-        self.odd_headers = False  # the request has a field the proxy acts on besides Host (on_headers_complete)
         # A one-entry cache of the last routing decision (see on_headers_complete).
         self.rc_table: RouteTable | None = None
+        self.rc_url = b""
         self.rc_path = b""
         self.rc_host = b""
         self.rc_method = b""
         self.rc_route: Route | None = None
+        self.rc_cluster: Cluster | None = None  # None: the route splits (or there is none)
 
     # -- connection lifecycle ----------------------------------------------------------------
 
@@ -247,11 +248,18 @@ class HttpProxyProtocol(HttpExchange):
         req = self.parsing
         if req is None:
             now = self.loop.time()
-            self.parsing = Request(now, url)
+            spare = self.spare
+            if spare is not None:
+                # The connection's last request, done with and plain (see _finish): renewing
+                # it costs less than making a new one.
+                self.spare = None
+                spare.renew(now, url)
+                self.parsing = spare
+            else:
+                self.parsing = Request(now, url)
             self.in_headers = True
             self.head_bytes = len(url)
             self.head_raw = 0
-            self.odd_headers = False
             if not self.queue:
                 deadline = self.deadline = now + self.header_timeout  # _arm(T_HEADERS), inlined
                 self.timer_kind = T_HEADERS
@@ -281,7 +289,7 @@ class HttpProxyProtocol(HttpExchange):
             req.host = value
             req.parts += (name, SEP, value, CRLF)
             return
-        self.odd_headers = True
+        req.odd = True
         if kind == H_CONTENT_LENGTH:
             req.parts.extend((name, SEP, value, CRLF))
         elif kind == H_CONNECTION:
@@ -320,15 +328,15 @@ class HttpProxyProtocol(HttpExchange):
         assert req is not None
         self.in_headers = False
         parser = self.parser
-        method = parser.get_method()
-        req.method = method
-        req.method_str = _METHODS.get(method) or method.decode("ascii", "replace")
+        method = req.method = parser.get_method()
         keep_alive = parser.should_keep_alive()
         # Without a Connection (or Proxy-Connection) field llhttp's keep-alive answer is the
         # version's default: True only for HTTP/1.1, so no need to ask for the version, which
         # httptools formats as a string (~0.15 us) on each call.
-        req.http10 = (not keep_alive or self.odd_headers) and parser.get_http_version() == "1.0"
-        req.keep_alive = keep_alive and not self.no_more
+        if not keep_alive or req.odd:
+            req.http10 = parser.get_http_version() == "1.0"  # else False, as the request starts
+        if not keep_alive or self.no_more:
+            req.keep_alive = False  # else True, as the request starts
         if req.upgrade_value is not None:  # llhttp's upgrade flag needs an Upgrade header
             req.upgrade = parser.should_upgrade()
         if method == b"CONNECT":
@@ -344,42 +352,72 @@ class HttpProxyProtocol(HttpExchange):
                     req.parts.extend((b"Host", SEP, authority, CRLF))
                 req.host = authority
             req.url = url = (parsed.path or b"/") + (b"?" + parsed.query if parsed.query else b"")
-        if not req.host and not req.http10:
+        host = req.host
+        if not host and not req.http10:
             raise _Reject(400, "malformed", b"missing Host header\n")
         # Route now, with the table of this moment; a reload later does not affect it.
         table = self.listener.table
         if table is not None:
-            q = url.find(b"?")
-            raw_path = url if q < 0 else url[:q]
-            raw_host = req.host
             if (
                 table is self.rc_table
-                and raw_path == self.rc_path
-                and raw_host == self.rc_host
+                and host == self.rc_host
                 and method == self.rc_method
+                and (url == self.rc_url or self._same_path(url))
             ):
                 # The same route question as this connection's previous request (keep-alive
                 # clients repeat themselves): the same answer, for the same table.
                 route = self.rc_route
+                cluster = self.rc_cluster
             else:
-                host = normalise_host(raw_host.decode("latin-1"))
-                path = raw_path.decode("latin-1")
-                if table.uses_headers:
-                    route = table.match(req.method_str, host, path, req.header_dict())
-                else:
-                    route = table.match(req.method_str, host, path, _NO_HEADERS)
-                    self.rc_table, self.rc_path, self.rc_host, self.rc_method = table, raw_path, raw_host, method
-                    self.rc_route = route
+                route, cluster = self._route(req, table)
             if route is not None:
                 req.route = route
-                clusters = route.clusters
-                cluster = req.cluster = clusters[0] if len(clusters) == 1 else route.pick_cluster()
+                if cluster is None:
+                    cluster = route.pick_cluster()  # a weighted split: chosen per request
+                req.cluster = cluster
                 if cluster.hashed:
                     req.hash_key = self._hash_key(req, cluster)
+        if (
+            url == self.hc_url
+            and method == self.hc_method
+            and host == self.hc_host
+            and req.parts == self.hc_parts
+            and (not req.odd or req.cacheable_head())
+        ):
+            # The same head as this connection's last one that was built (see _build_head),
+            # and nothing else that goes into it: build_head would return the same bytes.
+            req.head = self.hc_head
         queue = self.queue
         queue.append(req)
         if len(queue) > 1:
             self._pause(P_PIPELINE)
+
+    def _same_path(self, url: bytes) -> bool:
+        """The route cache's second chance: another query string on the same path."""
+        q = url.find(b"?")
+        if (url if q < 0 else url[:q]) != self.rc_path:
+            return False
+        self.rc_url = url
+        return True
+
+    def _route(self, req: Request, table: RouteTable) -> tuple[Route | None, Cluster | None]:
+        """Match the table; the cluster is set when the route has only one. Remembered for the
+        connection's next request unless the table matches on headers."""
+        url = req.url
+        q = url.find(b"?")
+        raw_path = url if q < 0 else url[:q]
+        host = normalise_host(req.host.decode("latin-1"))
+        path = raw_path.decode("latin-1")
+        if table.uses_headers:
+            route = table.match(req.method_str, host, path, req.header_dict())
+        else:
+            route = table.match(req.method_str, host, path, _NO_HEADERS)
+        clusters = route.clusters if route is not None else ()
+        cluster = clusters[0] if len(clusters) == 1 else None
+        if not table.uses_headers:
+            self.rc_table, self.rc_url, self.rc_path, self.rc_host = table, url, raw_path, req.host
+            self.rc_method, self.rc_route, self.rc_cluster = req.method, route, cluster
+        return route, cluster
 
     def on_body(self, body: bytes) -> None:
         req = self.parsing

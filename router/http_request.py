@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 # A body is kept for a possible retry while it is at most this big; a bigger one is streamed
 # without a copy and its request is not retried.
 REPLAY_LIMIT = 64 * 1024
+METHOD_NAMES = {m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH", "TRACE")}
 
 
 class Request:
@@ -53,7 +54,7 @@ class Request:
         "http10",
         "keep_alive",
         "method",
-        "method_str",
+        "odd",
         "parts",
         "pending",
         "pending_size",
@@ -83,11 +84,14 @@ class Request:
         self.start = start
         self.url = url
         self.method = b""
-        self.method_str = ""
         self.http10 = False
         self.keep_alive = True
         self.parts: list[bytes] = []  # headers forwarded as they came: name, ": ", value, CRLF
         self.host = b""
+        # A field the proxy acts on other than Host came (Content-Length, Connection, Upgrade,
+        # X-Forwarded-For...), so the fields from conn_extra to via may have been set: such a
+        # request is not renewed (see renew) and its head is cached only when cacheable_head.
+        self.odd = False
         self.conn_extra: frozenset[bytes] | None = None  # extra names listed in Connection
         self.upgrade = False
         self.upgrade_value: bytes | None = None
@@ -98,11 +102,13 @@ class Request:
         self.via: bytes | None = None
         self.complete = False  # the whole request message was received
         self.body_started = False
-        # Body bytes, framed for the upstream, not yet written (no connection yet).
-        self.pending: list[bytes] = []
+        # Body bytes, framed for the upstream, not yet written (no connection yet). The empty
+        # tuple until there are some: most requests have no body, and a list is an allocation.
+        self.pending: list[bytes] | tuple[()] = ()
         self.pending_size = 0
-        # Every framed body byte so far, while the body is small enough to replay.
-        self.wire: list[bytes] | None = []
+        # Every framed body byte so far, while the body is small enough to replay (None once
+        # it is not); the empty tuple while there is none.
+        self.wire: list[bytes] | tuple[()] | None = ()
         self.wire_size = 0
         self.reject = 0  # a status the proxy answers with instead of forwarding
         self.reject_body = b""
@@ -126,20 +132,72 @@ class Request:
         self.try_timer: asyncio.TimerHandle | None = None
         self.status = 0
 
+    def renew(self, start: float, url: bytes) -> None:
+        """Make a done request into a new one, for its connection's next request. Only for
+        a request that took the plain path (not odd, complete, not refused; see
+        HttpExchange._finish): this resets what such a request changes on its way, and the
+        rest is still at its __init__ value."""
+        self.start = start
+        self.url = url
+        self.method = b""
+        self.http10 = False
+        self.keep_alive = True
+        self.parts = []
+        self.host = b""
+        self.complete = False
+        self.route = None
+        self.cluster = None
+        self.hash_key = None
+        self.head = b""
+        self.started = False
+        self.done = False
+        self.sent = False
+        self.resp_chunked = False
+        self.close_after = False
+        self.retried_reuse = False
+        self.tries_left = 0
+        self.pending = ()
+        self.status = 0
+
+    @property
+    def method_str(self) -> str:
+        """The method as text (for route matching and retry rules; not needed per request)."""
+        method = self.method
+        return METHOD_NAMES.get(method) or method.decode("ascii", "replace")
+
     def add_body(self, wire: bytes) -> None:
         """Body bytes (already framed) that arrived from the client."""
-        if self.wire is not None:
+        kept = self.wire
+        if kept is not None:
             self.wire_size += len(wire)
             if self.wire_size > REPLAY_LIMIT:
                 self.wire = None
+            elif kept:
+                kept.append(wire)
             else:
-                self.wire.append(wire)
+                self.wire = [wire]
         conn = self.conn
         if conn is not None:
             conn.write(wire)
         elif not self.done:
-            self.pending.append(wire)
+            pending = self.pending
+            if pending:
+                pending.append(wire)
+            else:
+                self.pending = [wire]
             self.pending_size += len(wire)
+
+    def cacheable_head(self) -> bool:
+        """Whether build_head depends on nothing but the method, the target, the forwarded
+        fields and the connection (which a per-connection head cache can key on)."""
+        return (
+            bool(self.host)
+            and not self.conn_extra
+            and not self.chunked
+            and not self.upgrade
+            and self.xff is None
+            and self.via is None
+        )
 
     def build_head(self, client_ip: bytes, forwarded: bool, authority: bytes) -> bytes:
         """The request head for the upstream: always HTTP/1.1 and keep-alive. ``authority``

@@ -2,8 +2,9 @@
 
 An :class:`UpstreamConnection` is an ``asyncio.Protocol`` with an httptools response parser.
 It serves one request at a time for whoever holds it (its ``owner``, a downstream
-connection); it reports the response through the :class:`UpstreamOwner` callbacks and never
-writes to the client itself. Between requests it waits in ``Endpoint.idle`` (a deque: the most
+connection, which writes the request to ``transport`` itself: see ``HttpExchange._attach``);
+it reports the response through the :class:`UpstreamOwner` callbacks and never writes to the
+client itself. Between requests it waits in ``Endpoint.idle`` (a deque: the most
 recently used connection is on the right and is taken first, so surplus connections age out
 at the left).
 
@@ -37,6 +38,7 @@ from router.http_headers import (
     H_UPGRADE,
     KIND_CACHE,
     SEP,
+    chunk,
     drop_named,
     header_kind,
     is_chunked,
@@ -125,6 +127,7 @@ class UpstreamConnection(asyncio.Protocol):
         "parser",
         "parts",
         "pooled",
+        "rechunk",
         "reused",
         "stats",
         "status",
@@ -157,7 +160,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def reset_response(self) -> None:
         # Reset here rather than in on_message_begin: one parser callback less per response.
-        # send() has a copy of this inlined: keep the two in step.
+        # HttpExchange._attach has a copy of this inlined: keep the two in step.
         self.status = 0
         self.parts: list[bytes] = []
         self.has_length = False
@@ -169,6 +172,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.upgrade_value: bytes | None = None
         self.conn_extra: frozenset[bytes] | None = None
         self.interim = False
+        self.rechunk = False  # the owner re-frames the body as chunks (see upstream_head)
 
     # -- asyncio.Protocol ----------------------------------------------------------------
 
@@ -281,8 +285,9 @@ class UpstreamConnection(asyncio.Protocol):
     # -- httptools callbacks ---------------------------------------------------------------
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if self.status:
-            return  # a trailer field after a chunked body: dropped (not forwarded)
+        # A trailer field (after a chunked body) lands here too, after upstream_head has
+        # copied the fields: it is not forwarded, and what it sets is not read any more (a
+        # "Connection: close" one still stops the connection's reuse).
         kind = _kind_of(name)
         if kind is None:
             kind = header_kind(name)
@@ -309,8 +314,8 @@ class UpstreamConnection(asyncio.Protocol):
             self.parts.extend((name, SEP, value, CRLF))
 
     def on_headers_complete(self) -> None:
-        status = self.parser.get_status_code()
-        self.status = status
+        parser = self.parser
+        status = self.status = parser.get_status_code()
         if status < 200 and status != 101:
             # An interim response (100 Continue, 103 Early Hints): llhttp treats it as a whole
             # message and parses the final response next. Interim responses are not relayed.
@@ -318,23 +323,31 @@ class UpstreamConnection(asyncio.Protocol):
             return
         if self.conn_extra:
             self.parts = drop_named(self.parts, self.conn_extra)
-        self.keep_alive = self.keep_alive and self.parser.should_keep_alive()
-        no_body = self.head_request or status == 204 or status == 304
-        if no_body or self.chunked or status == 101:
-            self.body_left = 0
-        self.close_delimited = not (no_body or self.has_length or self.chunked or status == 101)
-        if self.close_delimited:
+        if self.keep_alive and not parser.should_keep_alive():
             self.keep_alive = False
-        if self.owner is not None:
-            self.owner.upstream_head(self)
-        if self.head_request and not self.closed:
+        head_request = self.head_request
+        if not self.has_length or head_request or status == 204 or status == 304 or status == 101:
+            # Anything but the usual body of known length, which needs nothing more here:
+            # close_delimited is False (reset) and body_left the length (on_header).
+            no_body = head_request or status == 204 or status == 304
+            if no_body or self.chunked or status == 101:
+                self.body_left = 0
+            elif not self.has_length:
+                self.close_delimited = True
+                self.keep_alive = False
+        owner = self.owner
+        if owner is not None:
+            owner.upstream_head(self)
+        if head_request and not self.closed:
             raise _SkipBody
 
     def on_body(self, body: bytes) -> None:
         if self.body_left:
             self.body_left -= len(body)
-        if self.owner is not None:
-            self.owner.upstream_body(self, body)
+        owner = self.owner
+        if owner is not None:
+            # upstream_body, inlined: while it holds this connection the owner attends to it.
+            owner.out.append(chunk(body) if self.rechunk else body)
 
     def on_message_complete(self) -> None:
         if self.interim:
@@ -373,27 +386,6 @@ class UpstreamConnection(asyncio.Protocol):
         cluster.connections -= 1
         if cluster in _waiters:
             _wake_one(cluster, None)
-
-    def send(self, owner: UpstreamOwner, data: bytes, head_request: bool) -> None:
-        """Start a request on this connection: ``data`` is its head (and any body so far)."""
-        self.owner = owner
-        self.expecting = True
-        self.got_bytes = False
-        self.head_request = head_request
-        if self.status:  # reset_response(), inlined: this runs for every request
-            self.status = 0
-            self.parts = []
-            self.has_length = False
-            self.body_left = 0
-            self.chunked = False
-            self.te_value = b""
-            self.close_delimited = False
-            self.keep_alive = True
-            self.upgrade_value = None
-            self.conn_extra = None
-            self.interim = False
-        assert self.transport is not None
-        self.transport.write(data)
 
     def write(self, data: bytes) -> None:
         if self.transport is not None and not self.closed:
@@ -456,22 +448,24 @@ def take_idle(endpoint: Endpoint) -> UpstreamConnection | None:
     return None
 
 
-def release(conn: UpstreamConnection, reusable: bool) -> None:
-    """The owner is done with ``conn``: park it, hand it to a waiting request, or close it."""
+def release(conn: UpstreamConnection, reusable: bool, now: float = 0.0) -> None:
+    """The owner is done with ``conn``: park it, hand it to a waiting request, or close it.
+    ``now``: the loop's time, when the caller has it at hand."""
     conn.owner = None
     if conn._paused_reading:
         conn.resume_reading()  # a parked connection must read, or a server's close goes unseen
     if conn.closed:
         return
     cluster = conn.cluster
-    # (idle_timeout 0: idle connections are not kept at all)
-    if not reusable or conn.expecting or cluster.stopped or not cluster.idle_timeout:
+    # (idle_timeout 0: idle connections are not kept at all; an endpoint that left the
+    # cluster, a registry change, keeps none either)
+    if not reusable or conn.expecting or cluster.stopped or conn.endpoint.removed or not cluster.idle_timeout:
         conn.close()
         return
     if cluster in _waiters:
         _wake_one(cluster, conn)
         return
-    conn.idle_since = conn.loop.time()
+    conn.idle_since = now or conn.loop.time()
     conn.pooled = True
     conn.endpoint.idle.append(conn)
     if conn._timer is None:
