@@ -248,21 +248,31 @@ class PgSession:
     def _pump(self) -> None:
         queue, out = self._queue, self._out
         self.ctx = self._context()
+        # Messages that go on unchanged are written together, in one write, when something
+        # else (a drop, a replacement, a pause) or the end of what arrived comes: a pipelined
+        # Bind/Execute/Sync is one send, not three.
+        forward = 0
         while queue and not self._paused:
             event, end = queue[0]
             verdict = self._client_event(event, end)
             if verdict is None:  # pause (or close): the message stays at the head
-                return
+                break
             queue.popleft()
             if verdict is _FORWARD:
-                out.forward_to(end)
-            elif verdict is _DROP:
-                out.drop_to(end)
-            else:  # a replacement
-                out.drop_to(end)
+                forward = end
+                continue
+            if forward:
+                out.forward_to(forward)
+                forward = 0
+            out.drop_to(end)
+            if verdict is not _DROP:  # a replacement
                 self.to_server(verdict)
             if self._closed:
                 return
+        if self._paused or self._closed or queue:
+            if forward and not self._closed:
+                out.forward_to(forward)
+            return
         partial = self._fdec.partial_start
         out.forward_to(out.received if partial is None else partial)
 
