@@ -188,3 +188,66 @@ async def test_api_heartbeat_and_sse_watch() -> None:
             assert second["services"]["job"][0]["health"] == "passing"  # type: ignore[index]
         async with http.put(f"{base}/v1/services/job/instances/nope/heartbeat") as resp:
             assert resp.status == 404
+
+
+async def test_router_follows_registrations_under_load_without_failures() -> None:
+    """Registrations and deregistrations through the registry (store → watch → catalog) while
+    8 clients send requests through a router whose cluster follows the service."""
+    from pointsman.config import parse_config
+    from router.listeners import Router
+
+    def app(name: str) -> web.Application:
+        async def handle(request: web.Request) -> web.Response:
+            return web.Response(text=name)
+
+        application = web.Application()
+        application.router.add_get("/", handle)
+        return application
+
+    config = parse_config(
+        {
+            "clusters": {"web": {"service": "web", "port": "http"}},
+            "listeners": [
+                {"name": "in", "listen": "127.0.0.1:0", "routes": [{"match": {"path_prefix": "/"}, "to": "web"}]}
+            ],
+        }
+    )
+    async with (
+        registry_on(":memory:") as registry,
+        http_upstream(app("a")) as (_, port_a),
+        http_upstream(app("b")) as (_, port_b),
+    ):
+        router = Router(catalog=registry.catalog)
+        await router.apply(config.clusters, config.listeners)
+        try:
+            await registry.register(reg("a", port=port_a))
+            await wait_until(lambda: len(registry.snapshot.usable("web")) == 1)
+            url = f"http://127.0.0.1:{router.address_of('in')[1]}/"
+            failures: list[int] = []
+            seen: set[str] = set()
+            stop = asyncio.Event()
+
+            async def client() -> None:
+                async with aiohttp.ClientSession() as session:
+                    while not stop.is_set():
+                        async with session.get(url) as resp:
+                            seen.add(await resp.text())
+                            if resp.status != 200:
+                                failures.append(resp.status)
+
+            clients = [asyncio.ensure_future(client()) for _ in range(8)]
+            for _ in range(5):
+                await registry.register(reg("b", port=port_b))  # b joins before a leaves
+                await asyncio.sleep(0.1)
+                await registry.deregister("web", "a")
+                await asyncio.sleep(0.1)
+                await registry.register(reg("a", port=port_a))
+                await asyncio.sleep(0.1)
+                await registry.deregister("web", "b")
+                await asyncio.sleep(0.1)
+            stop.set()
+            await asyncio.gather(*clients)
+            assert failures == []
+            assert seen == {"a", "b"}
+        finally:
+            await router.close()
