@@ -207,6 +207,10 @@ class Registry:
 
         asyncio.get_running_loop().create_task(wake())
 
+    def health_of_instance(self, service: str, instance_id: str) -> Health | None:
+        reg = self._regs.get(f"{SERVICES}{service}/{instance_id}")
+        return None if reg is None else self.health_of(reg)
+
     def health_of(self, reg: Registration) -> Health:
         known = self._health.get(f"{reg.service}/{reg.id}")
         if known is not None:

@@ -425,20 +425,27 @@ class PgSession:
             counter.inc(key)
             unit.stmts.append((verb, now))
 
+    def _enforced(self, stmts: Sequence[Statement]) -> tuple[Decision | None, Sequence[Statement]] | None:
+        """The decision for statements about to run; None while a rate-limit delay holds them
+        (on resume the held decision is taken, not a new one)."""
+        if self._released is not None:
+            held, self._released = self._released, None
+            return held, self._pending_stmts
+        d = self._decide(stmts)
+        if d is not None and d.action == "delay":
+            self._pending_stmts = stmts
+            self._released = d
+            self._delay(d)
+            return None
+        return d, stmts
+
     def _query(self, ev: m.Query) -> bytes | None:
         self._open = None  # a Query ends any extended run (the server would process it)
-        if self._released is not None:
-            d: Decision | None = self._released
-            self._released = None
-            stmts = self._pending_stmts
-        else:
-            stmts = self._classify(ev.text)
-            d = self._decide(stmts)
-            if d is not None and d.action == "delay":
-                self._pending_stmts = stmts
-                self._released = d
-                self._delay(d)
-                return None
+        stmts = self._pending_stmts if self._released is not None else self._classify(ev.text)
+        verdict = self._enforced(stmts)
+        if verdict is None:
+            return None
+        d, stmts = verdict
         unit = _Unit()
         self._units.append(unit)
         if d is not None and d.action == "deny":
@@ -458,18 +465,10 @@ class PgSession:
 
     def _execute(self, ev: m.Execute) -> bytes | None:
         unit = self._unit()
-        if self._released is not None:
-            d: Decision | None = self._released
-            self._released = None
-            stmts = self._pending_stmts
-        else:
-            stmts = self._parsed.get(self._portals.get(ev.portal, ""), [OTHER])
-            d = self._decide(stmts)
-            if d is not None and d.action == "delay":
-                self._pending_stmts = stmts
-                self._released = d
-                self._delay(d)
-                return None
+        verdict = self._enforced(self._parsed.get(self._portals.get(ev.portal, ""), [OTHER]))
+        if verdict is None:
+            return None
+        d, stmts = verdict
         if d is not None and d.action == "deny":
             return self._substitute(unit, d, stmts)
         self._count(stmts, unit)

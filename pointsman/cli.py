@@ -173,16 +173,24 @@ def post_reload(address: tuple[str, int], timeout: float = 30.0) -> dict[str, An
         raise AdminError(f"{url}: cannot reach the admin API: {reason}") from None
 
 
-def cmd_reload(args: argparse.Namespace) -> int:
+def _admin_address(args: argparse.Namespace) -> tuple[str, int] | None:
+    """Where a running instance's admin API is: --admin, else the file's admin.listen, else
+    the default. None (after saying why) when the file does not tell."""
     if args.admin is not None:
-        address = args.admin
-    elif args.config is not None:
+        return args.admin
+    if args.config is not None:
         address = _admin_from_file(args.config)
         if address[1] == 0:
             print(f"{args.config}: admin.listen uses port 0; pass --admin HOST:PORT", file=sys.stderr)
-            return 1
-    else:
-        address = DEFAULT_ADMIN
+            return None
+        return address
+    return DEFAULT_ADMIN
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    address = _admin_address(args)
+    if address is None:
+        return 1
     try:
         result = post_reload(address)
     except AdminError as exc:
@@ -193,16 +201,9 @@ def cmd_reload(args: argparse.Namespace) -> int:
 
 
 def cmd_top(args: argparse.Namespace) -> int:
-    # Same address rules as reload: --admin, else the file's admin.listen, else the default.
-    if args.admin is not None:
-        address = args.admin
-    elif args.config is not None:
-        address = _admin_from_file(args.config)
-        if address[1] == 0:
-            print(f"{args.config}: admin.listen uses port 0; pass --admin HOST:PORT", file=sys.stderr)
-            return 1
-    else:
-        address = DEFAULT_ADMIN
+    address = _admin_address(args)
+    if address is None:
+        return 1
     from pointsman import top  # only this command needs it
 
     return top.run(

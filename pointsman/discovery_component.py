@@ -104,7 +104,7 @@ class DiscoveryComponent(Component):
         await self.store.start()
         self.registry = Registry(self.store, self.catalog)
         await self.registry.start()
-        await self.registry.sync_static(static_registrations(section.services))
+        await self._sync_static(section)
         log.info("registry: %s (revision %d)", state_dir / STATE_FILE, self.store.revision)
         await self._start_dns(section)
 
@@ -136,7 +136,17 @@ class DiscoveryComponent(Component):
                 raise
             if old is not None:
                 await old.stop()
+        await self._sync_static(section)
+
+    async def _sync_static(self, section: DiscoveryConfig) -> None:
+        """The config's services into the registry, with the health the config gives them."""
+        assert self.registry is not None
         await self.registry.sync_static(static_registrations(section.services))
+        for svc in section.services:
+            for inst in svc.instances:
+                # A static instance is passing unless the config says otherwise.
+                if inst.health != "passing" and self.registry.health_of_instance(svc.name, inst.id) != inst.health:
+                    await self.registry.set_health(svc.name, inst.id, inst.health, "set in the config")
 
     async def stop(self, deadline: float) -> None:
         if self.dns is not None:
