@@ -14,7 +14,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from tests.pointsman.harness import http_upstream, pointsman, up_args, write_config
+from tests.pointsman.harness import http_upstream, pointsman, replace_config, up_args, write_config
 
 DNS_LINE = re.compile(r"pointsman: dns udp\+tcp (\S+):(\d+)$")
 pytestmark = pytest.mark.skipif(shutil.which("dig") is None, reason="dig (bind9-dnsutils) is not installed")
@@ -93,3 +93,26 @@ async def test_a_restart_keeps_registrations_and_dns_runs_alone(tmp_path: Path) 
         match = next(m for line in proc.lines if (m := DNS_LINE.search(line)))
         assert await dig(match.group(2), "canary.web.svc.internal", "A") == ["127.0.0.9"]
         assert await dig(match.group(2), "web-9.web.svc.internal", "A") == ["127.0.0.9"]
+
+
+async def test_reload_changes_static_services_and_the_dns_server(tmp_path: Path) -> None:
+    config = tmp_path / "pointsman.yaml"
+    data = _config(tmp_path / "state")
+    write_config(config, data)
+    async with pointsman(*up_args(config, "--no-watch")) as proc, aiohttp.ClientSession() as http:
+        match = next(m for line in proc.lines if (m := DNS_LINE.search(line)))
+        port = match.group(2)
+        data["discovery"]["services"] = [
+            {"name": "cache", "instances": [{"id": "cache-1", "address": "127.0.0.8", "ports": {"redis": 6379}}]}
+        ]
+        data["discovery"]["dns"] = {**data["discovery"]["dns"], "listen": f"127.0.0.1:{port}", "ttl": "7s"}
+        replace_config(config, data)
+        async with http.post(proc.url("/reload")) as resp:
+            assert resp.status == 200, await resp.text()
+        assert await dig(port, "cache.svc.internal", "A") == ["127.0.0.8"]
+        assert await dig(port, "db.svc.internal", "A") == []  # removed from the config: gone
+        proc_out = await asyncio.create_subprocess_exec(
+            "dig", "@127.0.0.1", "-p", port, "+noall", "+answer", "cache.svc.internal", stdout=asyncio.subprocess.PIPE
+        )
+        out, _ = await proc_out.communicate()
+        assert "\t7\tIN\tA\t127.0.0.8" in out.decode()  # the new ttl
