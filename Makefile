@@ -22,6 +22,7 @@ $(STAMP): pyproject.toml
 
 deps:
 	bash scripts/ensure-debian-packages.sh $(DEBIAN_DEPS)
+	bash scripts/ensure-docker.sh
 
 run: $(STAMP) deps
 	$(BIN)/pointsman up --config $(CONFIG)
