@@ -4,13 +4,15 @@
     pointsman router --config FILE         the router's listeners (+ admin API)
     pointsman check-config FILE [FILE...]  validate; every error with file, path and reason
     pointsman schema                       the config's JSON Schema
+    pointsman plan FILE [--job NAME] [--eval-id ID]
+                                           where the file's jobs would be placed, and why not
     pointsman reload [--admin HOST:PORT | --config FILE]
                                            ask a running instance to reload its config
     pointsman top [--admin HOST:PORT | --config FILE] [--interval S] [--once] [--no-color]
                                            live view of the SQL listeners (GET /sql/stats)
 
 Exit codes: 0 success, 1 an invalid config, a refused reload or an unreachable instance,
-2 a usage error (argparse).
+2 a usage error (argparse) or, for ``plan``, an instance that could not be placed.
 """
 
 from __future__ import annotations
@@ -34,6 +36,11 @@ from pointsman.config import json_schema, load_file
 from pointsman.errors import AdminError, ConfigError
 from pointsman.supervisor import DEFAULT_DRAIN_TIMEOUT, build_supervisor
 from router.config import format_address, parse_address
+from scheduler.config import effective_nodes
+from scheduler.errors import SpecError
+from scheduler.model import Job, Plan
+from scheduler.plan import place_into
+from scheduler.state import ClusterState
 
 log = logging.getLogger("pointsman")
 
@@ -122,6 +129,103 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 def cmd_schema(args: argparse.Namespace) -> int:
     print(json.dumps(json_schema(), indent=2))
+    return 0
+
+
+def _placement_order(jobs: Sequence[Job], wanted: str | None) -> list[Job]:
+    """Jobs an affinity is `near` go before the jobs naming them (else config order); with
+    `wanted`, only that job and what it is near (transitively)."""
+    by_name = {job.name: job for job in jobs}
+    order: list[Job] = []
+    state: dict[str, int] = {}  # 1 = visiting, 2 = done; a cycle falls back to config order
+
+    def visit(job: Job) -> None:
+        if state.get(job.name):
+            return
+        state[job.name] = 1
+        for affinity in job.affinity:
+            target = by_name.get(affinity.near)
+            if target is not None and affinity.weight > 0:
+                visit(target)
+        state[job.name] = 2
+        order.append(job)
+
+    for job in jobs if wanted is None else [by_name[wanted]]:
+        visit(job)
+    return order
+
+
+def _format_memory(size: int) -> str:
+    """128Mi, 2Gi; sizes that are not whole units of Mi/Gi rounded: 23.5Gi."""
+    for unit, factor in (("Gi", 1024**3), ("Mi", 1024**2)):
+        if size >= factor and size % factor == 0:
+            return f"{size // factor}{unit}"
+    for unit, factor in (("Gi", 1024**3), ("Mi", 1024**2), ("Ki", 1024)):
+        if size >= factor:
+            return f"{size / factor:.1f}{unit}"
+    return str(size)
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    try:
+        config = load_file(args.file)
+    except ConfigError as exc:
+        print(exc.render(), file=sys.stderr)
+        return 1
+    algorithm = config.scheduler.algorithm if config.scheduler is not None else "binpack"
+    try:
+        nodes = [node.to_node() for node in effective_nodes(config.nodes)]
+        jobs = [job.to_job() for job in config.jobs]
+        state = ClusterState(nodes)
+    except SpecError as exc:
+        print(f"{args.file}: {exc}", file=sys.stderr)
+        return 1
+    names = [job.name for job in jobs]
+    if args.job is not None and args.job not in names:
+        print(f"{args.file}: unknown job {args.job!r} (known: {', '.join(names) or 'none'})", file=sys.stderr)
+        return 1
+    order = _placement_order(jobs, args.job)
+    plans: dict[str, Plan] = {
+        job.name: place_into(state, job, algorithm=algorithm, eval_id=args.eval_id) for job in order
+    }
+    shown = [job for job in jobs if args.job is None or job.name == args.job]
+    eval_note = f", eval id {args.eval_id!r}" if args.eval_id else ""
+    print(f"Plan for {args.file} ({len(nodes)} node{'' if len(nodes) == 1 else 's'}, algorithm {algorithm}{eval_note})")
+    if args.job is not None and len(order) > 1:
+        first = ", ".join(job.name for job in order if job.name != args.job)
+        print(f"(placed first for affinity: {first})")
+    placed = total = 0
+    for job in shown:
+        plan = plans[job.name]
+        print()
+        print(f'Job: "{job.name}" (version {job.version}, driver {job.driver}, count {job.count})')
+        for alloc in sorted(plan.placements, key=lambda a: a.index):
+            ports = " ".join(f"{name}={port}" for name, port in alloc.ports.items())
+            print(f"  + {job.name}[{alloc.index}] -> {alloc.node}" + (f"  ports {ports}" if ports else ""))
+        for failure in plan.failures:
+            print(f"  ! {job.name}[{failure.index}] not placed")
+        if plan.failures:
+            rejected = sum(plan.failures[0].reasons.values())
+            print(f"  Placement failures ({rejected} of {len(nodes)} nodes rejected):")
+            for line in plan.explain().splitlines()[1:]:
+                print(f"    {line}")
+        if job.count == 0:
+            print("  (count 0: nothing to place)")
+        placed += len(plan.placements)
+        total += len(plan.placements) + len(plan.failures)
+    print()
+    print("Nodes:")
+    for i, node in enumerate(nodes):
+        jobs_here = ", ".join(f"{name}x{n}" for name, n in sorted(state.node_jobs[i].items())) or "-"
+        print(
+            f"  {node.name}: cpu {state.cpu_used[i]:g}/{node.capacity.cpu:g}, "
+            f"memory {_format_memory(state.mem_used[i])}/{_format_memory(node.capacity.memory)}; {jobs_here}"
+        )
+    print()
+    if placed < total:
+        print(f"Placed {placed} of {total} instances: {total - placed} could not be placed (see above).")
+        return 2
+    print(f"Placed {placed} of {total} instances.")
     return 0
 
 
@@ -281,6 +385,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     schema = commands.add_parser("schema", help="print the config's JSON Schema", parents=[common])
     schema.set_defaults(func=cmd_schema)
+
+    plan = commands.add_parser(
+        "plan",
+        help="show where the file's jobs would be placed, and why an instance cannot be",
+        description="Place the file's jobs on its nodes (no existing allocations) and print the plan. "
+        "Exit 0 if every instance was placed, 2 if some could not be, 1 for an invalid file.",
+        parents=[common],
+    )
+    plan.add_argument("file", metavar="FILE", help="config file (YAML)")
+    plan.add_argument("--job", metavar="NAME", help="plan this job only (and the jobs it is near)")
+    plan.add_argument(
+        "--eval-id", default="", metavar="ID", help="seed of the placement: the same id gives the same plan"
+    )
+    plan.set_defaults(func=cmd_plan)
 
     reload = commands.add_parser("reload", help="make a running instance reload its config file", parents=[common])
     where = reload.add_mutually_exclusive_group()

@@ -21,6 +21,7 @@ from discovery.config import DiscoveryConfig
 from l7.policy_config import PolicyRule
 from pointsman.errors import ConfigError, ConfigProblem
 from router.config import Address, ClusterConfig, ListenerConfig, check_references
+from scheduler.config import JobConfig, NodeConfig, SchedulerConfig, check_declarations
 
 
 class AdminConfig(BaseModel):
@@ -43,6 +44,11 @@ class Config(BaseModel):
     policies: list[PolicyRule] = Field(
         default_factory=list, description="SQL statement policies; a SQL listener lists the ones it applies"
     )
+    nodes: list[NodeConfig] | None = Field(
+        default=None, description="machines jobs are placed on; without it, only this machine (`local`)"
+    )
+    jobs: list[JobConfig] = Field(default_factory=list, description="workloads the scheduler places on the nodes")
+    scheduler: SchedulerConfig | None = Field(default=None, description="placement settings (algorithm)")
 
     def digest(self) -> str:
         """A stable hash of the effective config: equal configs have equal digests."""
@@ -98,6 +104,9 @@ def parse_config(data: Any, source: str = "<config>") -> Config:
                 ConfigProblem(f"policies[{i}].name", f"policy name {name!r} is also used by policies[{seen[name]}]")
             )
         seen.setdefault(name, i)
+    problems.extend(
+        ConfigProblem(format_path(path), reason) for path, reason in check_declarations(config.nodes, config.jobs)
+    )
     if problems:
         raise ConfigError(source, problems)
     return config

@@ -141,7 +141,16 @@ def test_schema_is_valid_json_schema() -> None:
     schema = json_schema()
     jsonschema.Draft202012Validator.check_schema(schema)
     assert schema["title"] == "pointsman config"
-    assert set(schema["properties"]) == {"admin", "clusters", "discovery", "listeners", "policies"}
+    assert set(schema["properties"]) == {
+        "admin",
+        "clusters",
+        "discovery",
+        "jobs",
+        "listeners",
+        "nodes",
+        "policies",
+        "scheduler",
+    }
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
