@@ -96,17 +96,9 @@ class PgProxyProtocol(TcpProxyProtocol):
     async def _handshake(self, context: ssl.SSLContext) -> None:
         transport = self.transport
         assert transport is not None
-        loop = asyncio.get_running_loop()
-        try:
-            new = await loop.start_tls(transport, self, context, server_side=True, ssl_handshake_timeout=10.0)
-        except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
-            log.info("listener %s: TLS handshake failed: %s", self.listener.name, exc)
-            transport.abort()
-            return
-        if new is None:
-            transport.abort()
-            return
-        self.transport = cast(asyncio.Transport, new)
+        new = await _upgrade(transport, self, context, server_side=True, peer=f"a client of {self.listener.name}")
+        if new is not None:
+            self.transport = new
 
     def cancel(self, pid: int, secret: bytes, raw: bytes) -> None:
         endpoint = self.listener.pg_backends.get((pid, secret))
@@ -212,18 +204,12 @@ class _PgUpstreamProtocol(_UpstreamProtocol):
         self._tls_task = asyncio.get_running_loop().create_task(self._handshake(transport), name="pg-upstream-tls")
 
     async def _handshake(self, transport: asyncio.Transport) -> None:
-        loop = asyncio.get_running_loop()
-        try:
-            new = await loop.start_tls(transport, self, _upstream_context(), ssl_handshake_timeout=10.0)
-        except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
-            log.warning("TLS handshake with server %s failed: %s", self.endpoint.key, exc)
-            transport.abort()
-            return
-        if new is None:
-            transport.abort()
-            return
-        self.adopted = True
-        super().connection_made(new)
+        new = await _upgrade(
+            transport, self, _upstream_context(), server_side=False, peer=f"server {self.endpoint.key}"
+        )
+        if new is not None:
+            self.adopted = True
+            super().connection_made(new)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._tls_task is not None and not self._tls_task.done():
@@ -248,6 +234,23 @@ def _upstream_context() -> ssl.SSLContext:
         context.verify_mode = ssl.CERT_NONE
         _UPSTREAM_TLS.append(context)
     return _UPSTREAM_TLS[0]
+
+
+async def _upgrade(
+    transport: asyncio.Transport, protocol: asyncio.Protocol, context: ssl.SSLContext, *, server_side: bool, peer: str
+) -> asyncio.Transport | None:
+    """TLS on an open connection (after the SSLRequest's "S"); None, with the connection
+    aborted, when the handshake fails."""
+    loop = asyncio.get_running_loop()
+    try:
+        new = await loop.start_tls(transport, protocol, context, server_side=server_side, ssl_handshake_timeout=10.0)
+    except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
+        log.info("TLS handshake with %s failed: %s", peer, exc)
+        new = None
+    if new is None:
+        transport.abort()
+        return None
+    return cast(asyncio.Transport, new)
 
 
 async def _send_cancel(endpoint: Endpoint, raw: bytes) -> None:
