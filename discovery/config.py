@@ -37,9 +37,9 @@ from pydantic import (
 )
 
 from discovery.model import Instance, Snapshot
+from units import Duration
+from units import format_duration as _format_duration
 
-_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
-_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 # A DNS label as the registry exposes it: lowercase letters, digits and '-', 1-63 characters,
 # not starting or ending with '-' (RFC 1123 host names). Lowercase only, because DNS matching
 # is case-insensitive: two services 'Web' and 'web' would be one DNS name.
@@ -48,44 +48,8 @@ _LABEL_RULE = "lowercase letters, digits and '-', 1-63 characters, not starting 
 MAX_TTL = 2**31 - 1  # RFC 2181 section 8: TTLs are 31-bit
 
 
-def parse_duration(value: Any) -> float:
-    """``500ms`` -> 0.5, ``2s`` -> 2.0, ``1m`` -> 60.0; bare numbers are seconds."""
-    if isinstance(value, bool) or not isinstance(value, int | float | str):
-        raise ValueError("a duration is a number with a unit, like 500ms, 2s or 1m")
-    if isinstance(value, str):
-        m = _DURATION_RE.match(value)
-        if not m:
-            raise ValueError(f"{value!r} is not a duration: use a number and ms, s, m or h (500ms, 2s, 1m)")
-        seconds = float(m.group(1)) * _UNIT_SECONDS[m.group(2)]
-    else:
-        seconds = float(value)
-    if seconds < 0:
-        raise ValueError("a duration cannot be negative")
-    return seconds
-
-
-def _format_duration(seconds: float) -> str:
-    if seconds and seconds < 1:
-        return f"{round(seconds * 1000)}ms"
-    return f"{int(seconds)}s" if seconds == int(seconds) else f"{seconds}s"
-
-
 # The JSON schemas say what people write (``5s``, ``127.0.0.1:8053``), not the parsed values,
 # so that an editor validating the YAML against pointsman's schema accepts them.
-Duration = Annotated[
-    float,
-    BeforeValidator(parse_duration),
-    PlainSerializer(_format_duration, return_type=str),
-    WithJsonSchema(
-        {
-            "anyOf": [
-                {"type": "string", "pattern": r"^\d+(\.\d+)?(ms|s|m|h)?$"},
-                {"type": "number", "minimum": 0},
-            ],
-            "description": "duration: 500ms, 2s, 1m, 1h or seconds",
-        }
-    ),
-]
 
 
 def _parse_ip_port(value: Any, default_port: int | None, why_ip: str) -> tuple[str, int]:

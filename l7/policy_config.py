@@ -39,6 +39,8 @@ from pydantic import (
     model_validator,
 )
 
+from units import parse_duration
+
 # Every verb l7.classify can put in Statement.verb / Statement.verbs.
 KNOWN_VERBS: frozenset[str] = frozenset(
     {
@@ -63,8 +65,6 @@ SIMPLE_ACTIONS: tuple[str, ...] = ("allow", "deny", "log", "dry_run")
 _WINDOW_RE = re.compile(r"^\s*(\d{1,2}):(\d{2})\s*-\s*(\d{1,2}):(\d{2})\s*$")
 _RATE_RE = re.compile(r"^\s*(\d+)\s*/\s*(s|m)\s*$")
 _PERIOD_SECONDS = {"s": 1.0, "m": 60.0}
-_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m)?\s*$")
-_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, None: 1.0}
 
 
 def parse_window(value: Any) -> tuple[int, int]:
@@ -101,20 +101,6 @@ def parse_rate(value: Any) -> float:
     if count <= 0:
         raise ValueError(f"{value!r}: the rate must be at least 1 per period")
     return count / _PERIOD_SECONDS[m.group(2)]
-
-
-def parse_duration(value: Any) -> float:
-    """``500ms`` -> 0.5, ``2s`` -> 2.0, ``1m`` -> 60.0; bare numbers are seconds."""
-    if isinstance(value, bool) or not isinstance(value, int | float | str):
-        raise ValueError("a duration is a number with a unit, like 500ms, 2s or 1m")
-    if isinstance(value, str):
-        m = _DURATION_RE.match(value)
-        if not m:
-            raise ValueError(f"{value!r} is not a duration: use a number and ms, s or m (500ms, 2s, 1m)")
-        return float(m.group(1)) * _UNIT_SECONDS[m.group(2)]
-    if value < 0:
-        raise ValueError("a duration cannot be negative")
-    return float(value)
 
 
 def _no_bare_string(value: Any) -> Any:

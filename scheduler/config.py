@@ -22,61 +22,18 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
-    PlainSerializer,
     WithJsonSchema,
     field_validator,
     model_validator,
 )
 
 from scheduler.model import Affinity, Constraint, Job, Node, Resources, Spread, parse_cpu, parse_memory
+from units import Duration
 
 LOCAL_NODE = "local"
 _NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 
-_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
-_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 
-
-def parse_duration(value: Any) -> float:
-    """`500ms` -> 0.5, `2s` -> 2.0, `1m` -> 60.0; bare numbers are seconds."""
-    if isinstance(value, bool):
-        raise ValueError("a duration is a number with a unit, like 500ms, 2s or 1m")
-    if isinstance(value, int | float):
-        seconds = float(value)
-    elif isinstance(value, str):
-        m = _DURATION_RE.match(value)
-        if not m:
-            raise ValueError(f"{value!r} is not a duration: use a number and ms, s, m or h (500ms, 2s, 1m)")
-        seconds = float(m.group(1)) * _UNIT_SECONDS[m.group(2)]
-    else:
-        raise ValueError("a duration is a number with a unit, like 500ms, 2s or 1m")
-    if seconds < 0:
-        raise ValueError("a duration cannot be negative")
-    return seconds
-
-
-def format_duration(seconds: float) -> str:
-    if seconds and seconds < 1:
-        return f"{round(seconds * 1000)}ms"
-    if seconds == int(seconds):
-        return f"{int(seconds)}s"
-    return f"{seconds}s"
-
-
-Duration = Annotated[
-    float,
-    BeforeValidator(parse_duration),
-    PlainSerializer(format_duration, return_type=str),
-    WithJsonSchema(
-        {
-            "anyOf": [
-                {"type": "string", "pattern": r"^\d+(\.\d+)?(ms|s|m|h)?$"},
-                {"type": "number", "minimum": 0},
-            ],
-            "description": "duration: 500ms, 2s, 1m, 1h or seconds",
-        }
-    ),
-]
 Cpu = Annotated[
     float,
     BeforeValidator(parse_cpu),

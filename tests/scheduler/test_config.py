@@ -16,9 +16,9 @@ from scheduler.config import (
     auto_capacity,
     check_declarations,
     effective_nodes,
-    parse_duration,
 )
 from scheduler.model import Affinity, Constraint, Resources, Spread
+from units import parse_duration
 
 ISSUE_EXAMPLE = """
 nodes:
