@@ -258,9 +258,11 @@ async def _send_cancel(endpoint: Endpoint, raw: bytes) -> None:
     try:
         async with asyncio.timeout(5.0):
             reader, writer = await asyncio.open_connection(endpoint.host, endpoint.port)
-            writer.write(raw)
-            await writer.drain()
-            await reader.read()  # the server closes without answering
-            writer.close()
+            try:
+                writer.write(raw)
+                await writer.drain()
+                await reader.read()  # the server closes without answering
+            finally:
+                writer.close()  # also when cancelled (the listener stopping) or timed out
     except (OSError, TimeoutError) as exc:
         log.info("cancel request to %s failed: %s", endpoint.key, exc)
