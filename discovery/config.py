@@ -37,6 +37,7 @@ from pydantic import (
 )
 
 from discovery.model import Instance, Snapshot
+from discovery.registry import Registration
 from units import Duration
 from units import format_duration as _format_duration
 
@@ -217,6 +218,18 @@ class InstanceConfig(Strict):
     weight: int = Field(default=1, ge=0, le=65535, description="relative share (SRV weight)")
     health: Health = "passing"
 
+    def registration(self, service: str) -> Registration:
+        return Registration(
+            id=self.id,
+            service=service,
+            address=self.address,
+            ports=dict(self.ports),
+            tags=tuple(self.tags),
+            meta=dict(self.meta),
+            weight=self.weight,
+            source="config",
+        )
+
     @field_validator("id")
     @classmethod
     def _id(cls, value: str) -> str:
@@ -282,22 +295,18 @@ class DiscoveryConfig(Strict):
             seen[service.name] = i
         return value
 
+    def registrations(self) -> list[Registration]:
+        """The declared instances as the registry stores them (source ``config``)."""
+        return [inst.registration(service.name) for service in self.services for inst in service.instances]
+
     def static_snapshot(self, revision: int = 1) -> Snapshot:
-        """The declared services as a catalog snapshot (instances sorted by id, as Snapshot wants)."""
+        """The declared services as a catalog snapshot (instances sorted by id, as Snapshot wants),
+        for serving DNS without a registry (``python -m discovery.dns``)."""
         services: dict[str, tuple[Instance, ...]] = {}
         for service in self.services:
             services[service.name] = tuple(
-                Instance(
-                    id=i.id,
-                    service=service.name,
-                    address=i.address,
-                    ports=dict(i.ports),
-                    tags=tuple(i.tags),
-                    meta=dict(i.meta),
-                    weight=i.weight,
-                    health=i.health,
-                )
-                for i in sorted(service.instances, key=lambda i: i.id)
+                inst.registration(service.name).instance(inst.health)
+                for inst in sorted(service.instances, key=lambda i: i.id)
             )
         return Snapshot(revision, services)
 

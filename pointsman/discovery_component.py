@@ -16,10 +16,10 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from discovery.api import registry_routes
-from discovery.config import DiscoveryConfig, ServiceConfig
+from discovery.config import DiscoveryConfig
 from discovery.dns import DnsServer
 from discovery.model import Catalog
-from discovery.registry import Registration, Registry
+from discovery.registry import Registry
 from discovery.store_sqlite import SqliteStore
 from pointsman.supervisor import Component
 
@@ -41,23 +41,6 @@ def default_state_dir() -> Path:
         return Path(env)
     base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
     return Path(base) / "pointsman"
-
-
-def static_registrations(services: list[ServiceConfig]) -> list[Registration]:
-    return [
-        Registration(
-            id=inst.id,
-            service=svc.name,
-            address=inst.address,
-            ports=dict(inst.ports),
-            tags=tuple(inst.tags),
-            meta=dict(inst.meta),
-            weight=inst.weight,
-            source="config",
-        )
-        for svc in services
-        for inst in svc.instances
-    ]
 
 
 class RegistryCollector(Collector):
@@ -141,7 +124,7 @@ class DiscoveryComponent(Component):
     async def _sync_static(self, section: DiscoveryConfig) -> None:
         """The config's services into the registry, with the health the config gives them."""
         assert self.registry is not None
-        await self.registry.sync_static(static_registrations(section.services))
+        await self.registry.sync_static(section.registrations())
         for svc in section.services:
             for inst in svc.instances:
                 # A static instance is passing unless the config says otherwise.
