@@ -23,7 +23,7 @@ poisons the decoder.
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from l7 import pg_messages as m
 from l7.errors import ProtocolError
@@ -491,21 +491,26 @@ def build_message(kind: bytes, body: bytes) -> bytes:
     return kind + _UINT32.pack(len(body) + 4) + body
 
 
-def _fields(severity: str, code: str, message: str) -> bytes:
-    # (field code, cstring)* then NUL. S = localized severity, V = non-localized, C, M.
+def report(kind: bytes, fields: Iterable[tuple[str, str]]) -> bytes:
+    """An ErrorResponse (``E``) or NoticeResponse (``N``): (field code, cstring)* then NUL."""
     out = bytearray()
-    for key, value in (("S", severity), ("V", severity), ("C", code), ("M", message)):
+    for key, value in fields:
         out += key.encode() + value.replace("\0", "").encode("utf-8") + b"\0"
-    return bytes(out + b"\0")
+    return build_message(kind, bytes(out + b"\0"))
+
+
+def _fields(severity: str, code: str, message: str) -> list[tuple[str, str]]:
+    # S = localized severity, V = non-localized, C = SQLSTATE, M = message
+    return [("S", severity), ("V", severity), ("C", code), ("M", message)]
 
 
 def error_response(message: str, code: str = "42501", severity: str = "ERROR") -> bytes:
     """ErrorResponse bytes; 42501 is insufficient_privilege."""
-    return build_message(b"E", _fields(severity, code, message))
+    return report(b"E", _fields(severity, code, message))
 
 
 def notice_response(message: str, code: str = "01000", severity: str = "WARNING") -> bytes:
-    return build_message(b"N", _fields(severity, code, message))
+    return report(b"N", _fields(severity, code, message))
 
 
 def ready_for_query(status: str = "I") -> bytes:

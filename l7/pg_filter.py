@@ -41,105 +41,21 @@ import json
 import logging
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Protocol
 
 from l7 import pg_messages as m
-from l7.classify import SqlClassifier
 from l7.errors import ProtocolError
 from l7.model import Statement
-from l7.pg_decoder import PgBackendDecoder, PgFrontendDecoder, build_message
+from l7.pg_context import PgContext, PgHooks
+from l7.pg_decoder import PgBackendDecoder, PgFrontendDecoder, report
+from l7.pg_refusal import extended_substitute, raise_statement, simple_substitute
 from l7.pg_splice import Splicer
-from l7.policy import Decision, PolicyEngine, policy_log_line
-from l7.policy_config import PolicyRule
+from l7.policy import Decision, policy_log_line
 from l7.sql_session import PreparedStatements
 
 log = logging.getLogger("pointsman.sql")
 policy_log = logging.getLogger("pointsman.sql.policy")
 
 OTHER = Statement("OTHER")
-
-
-class Counter(Protocol):
-    def inc(self, key: tuple[str, ...], amount: float = 1) -> None: ...
-
-
-class Histogram(Protocol):
-    def observe(self, key: tuple[str, ...], value: float) -> None: ...
-
-
-class SqlMetrics(Protocol):
-    """Where a session counts (read-only members; label keys given per member)."""
-
-    @property
-    def statements(self) -> Counter: ...  # listener, app, database, verb
-
-    @property
-    def durations(self) -> Histogram: ...  # listener, app, verb
-
-    @property
-    def denied(self) -> Counter: ...  # listener, app, rule
-
-    @property
-    def delayed(self) -> Counter: ...  # listener, app, rule
-
-    @property
-    def errors(self) -> Counter: ...  # listener, app, sqlstate_class
-
-    @property
-    def transactions(self) -> Counter: ...  # listener, app, outcome (committed | rolled_back)
-
-    @property
-    def sessions(self) -> Counter: ...  # listener, app
-
-    @property
-    def active(self) -> Counter: ...  # listener, app (incremented and decremented)
-
-    @property
-    def policy_matches(self) -> Counter: ...  # rule, action
-
-    @property
-    def decode_errors(self) -> Counter: ...  # listener, side (client | server)
-
-
-class PgHooks(Protocol):
-    """What the session asks of the proxy around it."""
-
-    def connect_upstream(self) -> None:
-        """The startup packet arrived: open the server connection (bytes written to the
-        server before it is open are queued by the proxy)."""
-
-    def start_tls(self) -> None:
-        """``S`` was written to the client: wrap the client connection in TLS. Bytes that
-        arrive after it are decrypted before :meth:`PgSession.from_client` sees them."""
-
-    def cancel(self, pid: int, secret: bytes, raw: bytes) -> None:
-        """A CancelRequest: send ``raw`` to the server that owns backend ``pid``, then close."""
-
-    def backend_key(self, pid: int, secret: bytes) -> None:
-        """The server named this session's backend (for routing a later CancelRequest)."""
-
-    def pause(self, seconds: float) -> None:
-        """Stop reading the client and call :meth:`PgSession.resume` after ``seconds``."""
-
-    def close(self, reason: str) -> None:
-        """Close both sides now."""
-
-
-@dataclass
-class PgContext:
-    """Per listener, swapped whole on reload; a session reads the current one per message."""
-
-    listener: str
-    metrics: SqlMetrics
-    classifier: SqlClassifier
-    classifier_bs: SqlClassifier  # for sessions with standard_conforming_strings = off
-    engine: PolicyEngine | None = None
-    rules: list[PolicyRule] = field(default_factory=list)  # what the engine was built from
-    app: str | None = None  # the listener's fixed identity (sidecar use)
-    tls: bool = False  # answer SSLRequest with S and terminate TLS
-    clock: Callable[[], float] = field(default=lambda: 0.0)  # monotonic, for latencies
-    wallclock: Callable[[], float] = field(default=lambda: 0.0)  # unix time, for windows
 
 
 class _Unit:
@@ -157,27 +73,6 @@ class _Unit:
         self.errored = False
         self.cuts = False  # a substitute was sent: the answer goes through the splicer
         self.refusal: str | None = None  # the message our substitute raises (its error is tidied)
-
-
-def raise_statement(sqlstate: str, message: str) -> tuple[str, str]:
-    """SQL that makes the server raise ``message`` with ``sqlstate``, and the message as the
-    server will report it. The message is reduced to characters that cannot end the literal
-    or the dollar quote."""
-    text = "".join(c for c in message if c.isprintable() and c not in "\\$")
-    state = "".join(c for c in sqlstate if c.isalnum())[:5]
-    quoted = text.replace("'", "''")
-    sql = f"DO $pointsman$BEGIN RAISE EXCEPTION USING ERRCODE = '{state}', MESSAGE = '{quoted}'; END$pointsman$"
-    return sql, text
-
-
-def _extended_substitute(sql: str) -> bytes:
-    # Parse (unnamed, no parameter types), Bind (unnamed portal/statement, no params, no
-    # result formats), Execute (unnamed portal, all rows).
-    return (
-        build_message(b"P", b"\0" + sql.encode() + b"\0" + b"\0\0")
-        + build_message(b"B", b"\0\0" + b"\0\0" + b"\0\0" + b"\0\0")
-        + build_message(b"E", b"\0" + b"\0\0\0\0")
-    )
 
 
 class PgSession:
@@ -449,7 +344,7 @@ class PgSession:
         unit = _Unit()
         self._units.append(unit)
         if d is not None and d.action == "deny":
-            return build_message(b"Q", self._refuse(d, unit, stmts).encode() + b"\0")
+            return simple_substitute(self._refuse(d, unit, stmts))
         self._count(stmts, unit)
         return _FORWARD
 
@@ -479,7 +374,7 @@ class PgSession:
         unit.parses += 1
         unit.binds += 1
         self._discard = True
-        return _extended_substitute(self._refuse(d, unit, stmts))
+        return extended_substitute(self._refuse(d, unit, stmts))
 
     # -- server → client -----------------------------------------------------------------------
 
@@ -562,7 +457,7 @@ class PgSession:
                     # Our substitute's error: without the PL/pgSQL context (CONTEXT: ... at
                     # RAISE) and source location, which describe the mechanism, not the refusal.
                     kept = [(k, v) for k, v in ev.fields if k in "SVCM"]  # type: ignore[attr-defined]
-                    return build_message(b"E", _fields(kept))
+                    return report(b"E", kept)
             return False
         if cls is m.EmptyQueryResponse or cls is m.PortalSuspended:
             if units and units[0].stmts:
@@ -598,11 +493,6 @@ class PgSession:
             self._ended = True
             self.ctx.metrics.active.inc((self.ctx.listener, self.app), -1)
         self._closed = True
-
-
-def _fields(fields: list[tuple[str, str]]) -> bytes:
-    # ErrorResponse body: (code byte, cstring)* then NUL
-    return b"".join(k.encode() + v.encode() + b"\0" for k, v in fields) + b"\0"
 
 
 class _Marker(bytes):

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Protocol
 
 from discovery.model import Catalog, Snapshot
-from l7.pg_filter import PgContext
+from l7.pg_context import PgContext
 from l7.policy import PolicyEngine
 from l7.policy_config import PolicyRule
 from router.cluster import Cluster, Endpoint

@@ -24,7 +24,8 @@ import logging
 import ssl
 from typing import TYPE_CHECKING, cast
 
-from l7.pg_filter import PgContext, PgSession
+from l7.pg_context import PgContext
+from l7.pg_filter import PgSession
 from router.cluster import Cluster, Endpoint
 from router.tcp_proxy import TcpProxyProtocol, _UpstreamProtocol
 

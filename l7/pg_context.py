@@ -1,0 +1,96 @@
+"""What the PostgreSQL session filter (l7/pg_filter.py) is given: per-listener context, the
+counters it writes to, and the hooks of the proxy around it. Kept apart so that the proxy
+(router/pg_proxy.py) and the listener set-up (router/listeners.py) depend on these small
+contracts, not on the filter's internals."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from l7.classify import SqlClassifier
+from l7.policy import PolicyEngine
+from l7.policy_config import PolicyRule
+
+
+class Counter(Protocol):
+    def inc(self, key: tuple[str, ...], amount: float = 1) -> None: ...
+
+
+class Histogram(Protocol):
+    def observe(self, key: tuple[str, ...], value: float) -> None: ...
+
+
+class SqlMetrics(Protocol):
+    """Where a session counts (read-only members; label keys given per member)."""
+
+    @property
+    def statements(self) -> Counter: ...  # listener, app, database, verb
+
+    @property
+    def durations(self) -> Histogram: ...  # listener, app, verb
+
+    @property
+    def denied(self) -> Counter: ...  # listener, app, rule
+
+    @property
+    def delayed(self) -> Counter: ...  # listener, app, rule
+
+    @property
+    def errors(self) -> Counter: ...  # listener, app, sqlstate_class
+
+    @property
+    def transactions(self) -> Counter: ...  # listener, app, outcome (committed | rolled_back)
+
+    @property
+    def sessions(self) -> Counter: ...  # listener, app
+
+    @property
+    def active(self) -> Counter: ...  # listener, app (incremented and decremented)
+
+    @property
+    def policy_matches(self) -> Counter: ...  # rule, action
+
+    @property
+    def decode_errors(self) -> Counter: ...  # listener, side (client | server)
+
+
+class PgHooks(Protocol):
+    """What the session asks of the proxy around it."""
+
+    def connect_upstream(self) -> None:
+        """The startup packet arrived: open the server connection (bytes written to the
+        server before it is open are queued by the proxy)."""
+
+    def start_tls(self) -> None:
+        """``S`` was written to the client: wrap the client connection in TLS. Bytes that
+        arrive after it are decrypted before :meth:`PgSession.from_client` sees them."""
+
+    def cancel(self, pid: int, secret: bytes, raw: bytes) -> None:
+        """A CancelRequest: send ``raw`` to the server that owns backend ``pid``, then close."""
+
+    def backend_key(self, pid: int, secret: bytes) -> None:
+        """The server named this session's backend (for routing a later CancelRequest)."""
+
+    def pause(self, seconds: float) -> None:
+        """Stop reading the client and call :meth:`PgSession.resume` after ``seconds``."""
+
+    def close(self, reason: str) -> None:
+        """Close both sides now."""
+
+
+@dataclass
+class PgContext:
+    """Per listener, swapped whole on reload; a session reads the current one per message."""
+
+    listener: str
+    metrics: SqlMetrics
+    classifier: SqlClassifier
+    classifier_bs: SqlClassifier  # for sessions with standard_conforming_strings = off
+    engine: PolicyEngine | None = None
+    rules: list[PolicyRule] = field(default_factory=list)  # what the engine was built from
+    app: str | None = None  # the listener's fixed identity (sidecar use)
+    tls: bool = False  # answer SSLRequest with S and terminate TLS
+    clock: Callable[[], float] = field(default=lambda: 0.0)  # monotonic, for latencies
+    wallclock: Callable[[], float] = field(default=lambda: 0.0)  # unix time, for windows
