@@ -37,7 +37,7 @@ from pydantic import (
 )
 
 from discovery.model import Instance, Snapshot
-from discovery.registry import Registration
+from discovery.registry import Registration, check_address
 from units import Duration
 from units import format_duration as _format_duration
 
@@ -238,10 +238,7 @@ class InstanceConfig(Strict):
     @field_validator("address")
     @classmethod
     def _address(cls, value: str) -> str:
-        try:
-            return str(ipaddress.ip_address(value.strip()))
-        except ValueError:
-            raise ValueError(f"{value!r} is not an IPv4 or IPv6 address") from None
+        return check_address(value.strip())
 
     @field_validator("ports")
     @classmethod

@@ -25,6 +25,7 @@ check, and ``critical`` when it has one (not yet passed, or its TTL ran out), as
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import logging
 from collections.abc import Iterable, Mapping
@@ -41,6 +42,14 @@ log = logging.getLogger("pointsman.discovery")
 SERVICES = "services/"
 HEALTH = "health/"
 _NAME = r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$"  # one DNS label
+
+
+def check_address(value: str) -> str:
+    """An IPv4 or IPv6 literal, normalised (``::0001`` -> ``::1``)."""
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        raise ValueError(f"{value!r} is not an IPv4 or IPv6 address") from None
 
 
 class Check(BaseModel):
@@ -83,12 +92,7 @@ class Registration(BaseModel):
     @field_validator("address")
     @classmethod
     def _ip(cls, value: str) -> str:
-        import ipaddress
-
-        try:
-            return str(ipaddress.ip_address(value))
-        except ValueError:
-            raise ValueError(f"{value!r} is not an IPv4 or IPv6 address") from None
+        return check_address(value)
 
     @field_validator("ports")
     @classmethod
