@@ -2,7 +2,9 @@
 
 Reports placements/second (one core, placement only: no drivers) and packing quality: nodes
 used against the lower bound ceil(max(total cpu / node cpu, total memory / node memory)).
-Targets: >= 2,000 placements/s and nodes used within 10% of the bound (bin-packing).
+Targets: >= 2,000 placements/s and nodes used within 10% of the bound (bin-packing). Then
+times `check_allocations` over the result (what the reconciler runs on every pass), which
+must find no misfit: the placer's own plan fits.
 
     .venv/bin/python bench/sched.py [--instances 10000] [--nodes 1000] [--algorithm binpack]
 """
@@ -19,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from scheduler.model import Job, Node, Resources
-from scheduler.plan import place, place_into
+from scheduler.plan import check_allocations, place, place_into
 from scheduler.state import ClusterState
 
 GI = 1024**3
@@ -95,7 +97,11 @@ def main() -> int:
     print(f"rate {'PASS' if ok_rate else 'FAIL'} (>= {args.min_rate:,.0f}/s)")
     if args.algorithm == "binpack":
         print(f"packing {'PASS' if ok_pack else 'FAIL'} (<= {args.max_overhead:.0%} over the bound)")
-    ok = ok_rate and ok_pack and failed == 0
+    start = time.perf_counter()
+    misfits = check_allocations(nodes, state.allocations, jobs)
+    checked = time.perf_counter() - start
+    print(f"check_allocations: {len(state.allocations)} allocations in {checked * 1000:.1f} ms, {len(misfits)} misfits")
+    ok = ok_rate and ok_pack and failed == 0 and not misfits
     print("PASS" if ok else "FAIL")
     return 0 if ok else 1
 

@@ -6,6 +6,9 @@ A reason is a short key counted in `Failure.reasons` and grouped by `Failure.exp
 
 Static checkers depend only on the node and the job, so the stack runs them once per node
 per job; dynamic checkers depend on usage, which grows while a plan is built.
+
+`scheduler.plan.check_allocations` asks the same questions the other way round, of
+allocations already placed (with `constraint_holds`).
 """
 
 from __future__ import annotations

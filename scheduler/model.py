@@ -166,6 +166,16 @@ class Allocation:
     ports: dict[str, int] = field(default_factory=dict)
 
 
+@dataclass(frozen=True, slots=True)
+class Misfit:
+    """An existing allocation that no longer belongs on its node, and why, in words:
+    `node b is down`, `constraint premise = onprem no longer holds on node b`,
+    `node b over capacity: memory`. Found by `scheduler.feasible.check_allocations`."""
+
+    alloc: Allocation
+    reason: str
+
+
 # Reason keys recorded by the checkers (see scheduler/feasible.py) and how explain() groups them.
 _STATUS_RE = re.compile(r"^node (\w+)$")
 _DRIVER_RE = re.compile(r"^driver (.+) unavailable$")

@@ -2,7 +2,8 @@
 
 `place(nodes, allocations, job)` is a pure function (state in, plan out). `place_into(state,
 job)` is the same on a caller-owned `ClusterState`, which it updates, so an evaluation that
-places several jobs builds the usage once.
+places several jobs builds the usage once. `check_allocations(nodes, allocations, jobs)` is
+the other direction: which existing allocations no longer belong on their node.
 """
 
 from __future__ import annotations
@@ -11,12 +12,21 @@ import hashlib
 import itertools
 import math
 import random
+import re
 from collections.abc import Iterable, Sequence
 from typing import Literal
 
 from scheduler.errors import SpecError
-from scheduler.feasible import Checker, ConstraintChecker, DriverChecker, PortChecker, ResourceChecker, StatusChecker
-from scheduler.model import Allocation, Failure, Job, Node, Plan
+from scheduler.feasible import (
+    Checker,
+    ConstraintChecker,
+    DriverChecker,
+    PortChecker,
+    ResourceChecker,
+    StatusChecker,
+    constraint_holds,
+)
+from scheduler.model import Allocation, Constraint, Failure, Job, Misfit, Node, Plan
 from scheduler.rank import (
     AffinityRanker,
     AttributeSpreadRanker,
@@ -65,8 +75,16 @@ class Stack:
       4. ResourceChecker   cpu, memory left after allocations       dynamic
       5. PortChecker       enough free ports in the dynamic range   dynamic
     Rankers, a weighted average over those that give a score:
-      FitRanker (binpack | spread), BalancedRanker (binpack, weight 0.5), JobAntiAffinityRanker,
-      AffinityRanker (if any), AttributeSpreadRanker (if any).
+      FitRanker (binpack | spread), BalancedRanker (binpack, weight 0.5), JobAntiAffinityRanker
+      (same job and version only), AttributeSpreadRanker (if any);
+    plus, added to that average, AffinityRanker (if any).
+    Affinity rule: a node running the jobs named by `near` gets (net matched weight / 100) *
+    AFFINITY_SCALE (3.4) added to its average. The average lies in -2/3..1, so two nodes'
+    averages differ by less than 5/3; a net weight of +-50 or more (+-1.7) therefore decides:
+    `near: db, weight: 50` lands on db's node whenever that node is feasible, whatever the
+    algorithm, fit, anti-affinity or attribute spread say, and weight -50..-100 keeps away
+    from it whenever another node is feasible. Smaller weights trade off linearly: weight 10
+    (+0.34) only decides between nodes the other rankers score within 0.34 of each other.
     A node rejected once stays rejected for the rest of this job (usage only grows within a
     plan), so each node is checked statically once and skipped cheaply afterwards.
     """
@@ -104,10 +122,10 @@ class Stack:
         if algorithm == "binpack":
             self.rankers.append(BalancedRanker(state, job))
         self.rankers.append(JobAntiAffinityRanker(state, job))
-        if job.affinity:
-            self.rankers.append(AffinityRanker(state, job))
         if job.spread is not None:
             self.rankers.append(AttributeSpreadRanker(state, job, job.spread.attribute))
+        # Added to the average rather than averaged in (the affinity rule above).
+        self.bonus: list[Ranker] = [AffinityRanker(state, job)] if job.affinity else []
         self.limit = candidate_limit(n, job)
         self.reasons: dict[str, int] = {}
 
@@ -132,7 +150,12 @@ class Stack:
             if score is not None:
                 total += score * ranker.weight
                 given += ranker.weight
-        return total / given if given else 0.0
+        average = total / given if given else 0.0
+        for ranker in self.bonus:
+            score = ranker.score(i)
+            if score is not None:
+                average += score * ranker.weight
+        return average
 
     def select(self) -> int | None:
         """The best node among the candidates for the next instance, or None if none is feasible."""
@@ -177,6 +200,8 @@ class Stack:
             self.is_touched[i] = 1
             self.touched.append(i)
         for ranker in self.rankers:
+            ranker.placed(i)
+        for ranker in self.bonus:
             ranker.placed(i)
 
 
@@ -235,3 +260,118 @@ def place(
     evaluation gives the same plan.
     """
     return place_into(ClusterState(nodes, allocations), job, algorithm=algorithm, eval_id=eval_id, seed=seed)
+
+
+# As in ResourceChecker: 0.1 + 0.2 cores fit in 0.3.
+_CPU_EPSILON = 1e-9
+
+
+def check_allocations(nodes: Iterable[Node], allocations: Iterable[Allocation], jobs: Iterable[Job]) -> list[Misfit]:
+    """Pure: the allocations that no longer belong where they are, in input order, each with
+    the first reason that applies:
+
+    1. `job web is gone`: no job of that name in `jobs` (removed).
+    2. `node b is gone` / `node b is down` / `node b is draining`.
+    3. Only for allocations of the job's current version (others are left to the rolling
+       update, which replaces them anyway; they still count towards their node's usage):
+       `driver docker unavailable on node b`, then the job's constraints in order:
+       `constraint premise = onprem no longer holds on node b`.
+    4. `node b over capacity: memory` (or `cpu`, `cpu, memory`: the dimensions over before
+       any eviction) when the allocations left on a node after 1-3 exceed its (shrunk)
+       capacity. Evicted, among that node's current-version allocations, are as few as
+       needed: while over, an allocation that alone brings the node back within capacity
+       (the smallest such), else the one relieving most of the excess. On ties the highest
+       index goes (then the later in `allocations`), so the oldest instances stay. If the
+       excess is owed to old versions only, those are left and the node stays over.
+
+    Reasons 1 and 2 apply to every version: such an instance goes whatever its version. The
+    reconciler stops misfits and places replacements.
+    """
+    by_node: dict[str, Node] = {}
+    for node in nodes:
+        if node.name in by_node:
+            raise SpecError(f"node {node.name}: declared twice")
+        by_node[node.name] = node
+    by_job: dict[str, Job] = {}
+    for job in jobs:
+        if job.name in by_job:
+            raise SpecError(f"job {job.name}: declared twice")
+        by_job[job.name] = job
+    allocs = list(allocations)
+    compiled: dict[str, list[tuple[Constraint, re.Pattern[str] | None]]] = {
+        name: [(c, re.compile(c.value) if c.op == "regex" else None) for c in job.constraints]
+        for name, job in by_job.items()
+    }
+    reasons: dict[int, str] = {}
+    staying: dict[str, list[int]] = {}  # node name -> positions of allocations still counted there
+    for k, alloc in enumerate(allocs):
+        owner = by_job.get(alloc.job)
+        where = by_node.get(alloc.node)
+        reason: str | None = None
+        if owner is None:
+            reason = f"job {alloc.job} is gone"
+        elif where is None:
+            reason = f"node {alloc.node} is gone"
+        elif where.status != "ready":
+            reason = f"node {where.name} is {where.status}"
+        elif alloc.version == owner.version:
+            if owner.driver not in where.drivers:
+                reason = f"driver {owner.driver} unavailable on node {where.name}"
+            else:
+                for constraint, pattern in compiled[owner.name]:
+                    if not constraint_holds(constraint, where.attributes, pattern):
+                        reason = f"constraint {constraint.label} no longer holds on node {where.name}"
+                        break
+        if reason is not None:
+            reasons[k] = reason
+        else:
+            staying.setdefault(alloc.node, []).append(k)
+    for name, positions in staying.items():
+        reason, evicted = _over_capacity(by_node[name], allocs, positions, by_job)
+        for k in evicted:
+            reasons[k] = reason
+    return [Misfit(allocs[k], reasons[k]) for k in sorted(reasons)]
+
+
+def _over_capacity(
+    node: Node, allocs: list[Allocation], positions: list[int], jobs: dict[str, Job]
+) -> tuple[str, list[int]]:
+    """The reason and the positions to evict so that the allocations at `positions` fit `node`."""
+    over_cpu = sum(allocs[k].resources.cpu for k in positions) - node.capacity.cpu
+    over_mem = sum(allocs[k].resources.memory for k in positions) - node.capacity.memory
+    if over_cpu <= _CPU_EPSILON and over_mem <= 0:
+        return "", []
+    dims = [dim for dim, over in (("cpu", over_cpu > _CPU_EPSILON), ("memory", over_mem > 0)) if over]
+    reason = f"node {node.name} over capacity: {', '.join(dims)}"
+    total_cpu = sum(allocs[k].resources.cpu for k in positions) or 1.0
+    total_mem = sum(allocs[k].resources.memory for k in positions) or 1
+    candidates = [k for k in positions if allocs[k].version == jobs[allocs[k].job].version]
+    evicted: list[int] = []
+
+    def size(k: int) -> tuple[float, int, int]:  # smallest first; ties: newest first
+        r = allocs[k].resources
+        return (r.cpu / total_cpu + r.memory / total_mem, -allocs[k].index, -k)
+
+    def relief(k: int) -> tuple[float, int, int]:  # most relief first; ties: newest first
+        r = allocs[k].resources
+        share = min(r.cpu, over_cpu) / over_cpu if over_cpu > _CPU_EPSILON else 0.0
+        share += min(r.memory, over_mem) / over_mem if over_mem > 0 else 0.0
+        return (share, allocs[k].index, k)
+
+    while candidates and (over_cpu > _CPU_EPSILON or over_mem > 0):
+        covering = [
+            k
+            for k in candidates
+            if allocs[k].resources.cpu >= over_cpu - _CPU_EPSILON and allocs[k].resources.memory >= over_mem
+        ]
+        if covering:
+            pick = min(covering, key=size)
+        else:
+            pick = max(candidates, key=relief)
+            if relief(pick)[0] <= 0:
+                break  # what is left is owed to allocations that may not be evicted
+        candidates.remove(pick)
+        evicted.append(pick)
+        over_cpu -= allocs[pick].resources.cpu
+        over_mem -= allocs[pick].resources.memory
+    return reason, evicted

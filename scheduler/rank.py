@@ -2,7 +2,8 @@
 
 The stack averages the scores that were given (Nomad's ScoreNormalizationIterator), so a
 ranker that does not apply to a node does not drag its score towards zero. Scores are in
--1..1; the fit score is in 0..1.
+-1..1; the fit score is in 0..1. The affinity score is not averaged but added, scaled by
+`AFFINITY_SCALE` (see `AffinityRanker` and the rule in `scheduler.plan.Stack`).
 """
 
 from __future__ import annotations
@@ -10,9 +11,19 @@ from __future__ import annotations
 from scheduler.model import Job
 from scheduler.state import ClusterState
 
+# The largest difference the averaged rankers can make between two feasible nodes. Their
+# average is at most 1 (every score 1) and at least -2/3: fit >= 0, job anti-affinity >= -1,
+# attribute spread >= -1, over weights 1 + 1 + 1 (binpack adds BalancedRanker >= 0 at 0.5:
+# -4/7). So two nodes' averages differ by less than 5/3.
+AVERAGE_SPAN = 5.0 / 3.0
+# An affinity of weight w adds w / 100 * AFFINITY_SCALE to a matching node's score. With 3.4,
+# |w| >= 50 adds >= 1.7 > AVERAGE_SPAN, so it outweighs all averaged rankers together; w = 10
+# adds 0.34, a tie-breaker between nodes that the others score within 0.34 of each other.
+AFFINITY_SCALE = 3.4
+
 
 class Ranker:
-    weight = 1.0  # in the weighted average of the scores given
+    weight = 1.0  # in the weighted average of the scores given (AffinityRanker: see above)
 
     def score(self, i: int) -> float | None:  # pragma: no cover - interface
         raise NotImplementedError
@@ -45,32 +56,43 @@ class FitRanker(Ranker):
 
 
 class JobAntiAffinityRanker(Ranker):
-    """Spread a job's own instances: -(collisions + 1) / count on nodes already running it."""
+    """Spread a job's own instances: -(collisions + 1) / count (at least -1) on nodes already
+    running instances of the same job *and version*.
+
+    Other versions do not count: in a rolling update the new version's instances are created
+    before the old ones stop, and the old ones must not push the new ones away from nodes
+    that suit them (they are about to leave).
+    """
 
     def __init__(self, state: ClusterState, job: Job) -> None:
-        self.here = state.job_nodes.setdefault(job.name, {})  # live: commit() updates it
+        # Live: commit() updates it.
+        self.here = state.version_nodes.setdefault((job.name, job.version), {})
         self.count = max(job.count, 1)
 
     def score(self, i: int) -> float | None:
         collisions = self.here.get(i, 0)
-        return -(collisions + 1) / self.count if collisions else None
+        return max(-1.0, -(collisions + 1) / self.count) if collisions else None
 
 
 class AffinityRanker(Ranker):
     """`near db` (weight > 0) pulls towards nodes running db; a negative weight pushes away.
 
-    Score = sum of the weights of matched affinities / sum of |weights|, so in -1..1.
+    Score = sum of the weights of the matched affinities / 100 (one affinity: -1..1), and the
+    stack *adds* score * `weight` to the average of the other rankers instead of averaging it
+    in: normalising by the sum of |weights| (as Nomad does) would make weight 10 pull as hard
+    as 100, and averaging lets an emptier node beat `near db` under spread.
     """
+
+    weight = AFFINITY_SCALE
 
     def __init__(self, state: ClusterState, job: Job) -> None:
         self.node_jobs = state.node_jobs
-        self.affinity = [(a.near, a.weight) for a in job.affinity]
-        self.total = float(sum(abs(w) for _, w in self.affinity))
+        self.affinity = [(a.near, a.weight / 100.0) for a in job.affinity]
 
     def score(self, i: int) -> float | None:
         jobs = self.node_jobs[i]
         matched = sum(w for near, w in self.affinity if jobs.get(near))
-        return matched / self.total if matched else None
+        return matched if matched else None
 
 
 class AttributeSpreadRanker(Ranker):

@@ -44,6 +44,9 @@ class ClusterState:
         self.port_cursor = [self.port_low] * n
         self.node_jobs: list[dict[str, int]] = [{} for _ in range(n)]  # job name -> instances here
         self.job_nodes: dict[str, dict[int, int]] = {}  # job name -> node position -> instances
+        # (job, version) -> node position -> instances: job anti-affinity counts only the
+        # version being placed, so a rolling update's old instances do not push new ones away.
+        self.version_nodes: dict[tuple[str, str], dict[int, int]] = {}
         self.allocated: set[tuple[str, str, int]] = set()  # (job, version, index)
         self.allocations: list[Allocation] = []
         for alloc in allocations:
@@ -51,22 +54,33 @@ class ClusterState:
 
     def commit(self, alloc: Allocation) -> None:
         """Count an allocation against its node. Allocations on unknown nodes only mark the index taken."""
-        self.allocated.add((alloc.job, alloc.version, alloc.index))
+        job = alloc.job
+        version = alloc.version
+        self.allocated.add((job, version, alloc.index))
         self.allocations.append(alloc)
         i = self.index.get(alloc.node)
         if i is None:
             return
-        self.cpu_used[i] += alloc.resources.cpu
-        self.mem_used[i] += alloc.resources.memory
-        taken = self.ports_taken[i]
-        for port in alloc.ports.values():
-            if port not in taken:
-                taken.add(port)
-                if self.port_low <= port <= self.port_high:
-                    self.ports_free[i] -= 1
+        resources = alloc.resources
+        self.cpu_used[i] += resources.cpu
+        self.mem_used[i] += resources.memory
+        if alloc.ports:
+            taken = self.ports_taken[i]
+            for port in alloc.ports.values():
+                if port not in taken:
+                    taken.add(port)
+                    if self.port_low <= port <= self.port_high:
+                        self.ports_free[i] -= 1
         jobs = self.node_jobs[i]
-        jobs[alloc.job] = jobs.get(alloc.job, 0) + 1
-        nodes = self.job_nodes.setdefault(alloc.job, {})
+        jobs[job] = jobs.get(job, 0) + 1
+        nodes = self.job_nodes.get(job)
+        if nodes is None:
+            nodes = self.job_nodes[job] = {}
+        nodes[i] = nodes.get(i, 0) + 1
+        key = (job, version)
+        nodes = self.version_nodes.get(key)
+        if nodes is None:
+            nodes = self.version_nodes[key] = {}
         nodes[i] = nodes.get(i, 0) + 1
 
     def pick_ports(self, i: int, count: int) -> list[int]:

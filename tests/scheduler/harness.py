@@ -1,4 +1,5 @@
-"""State in, plan out: small builders for nodes and jobs, and a summary of a plan to assert on."""
+"""State in, plan out: small builders for nodes and jobs, and a summary of a plan (or of the
+misfits among existing allocations) to assert on."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from scheduler.model import Allocation, Job, Node, Plan, Resources
-from scheduler.plan import place
+from scheduler.plan import check_allocations, place
 
 
 def node(name: str, cpu: float = 4, memory: str = "8Gi", **kw: Any) -> Node:
@@ -25,10 +26,18 @@ def job(name: str = "web", count: int = 1, cpu: float = 1, memory: str = "1Gi", 
 
 
 def running(
-    job_name: str, node_name: str, index: int = 0, cpu: float = 1, memory: str = "1Gi", **ports: int
+    job_name: str,
+    node_name: str,
+    index: int = 0,
+    cpu: float = 1,
+    memory: str = "1Gi",
+    *,
+    version: str = "1",
+    **ports: int,
 ) -> Allocation:
-    """An existing allocation of another evaluation."""
-    return Allocation(f"{job_name}-{index}-old", job_name, "1", node_name, index, Resources.parse(cpu, memory), ports)
+    """An existing allocation of another evaluation: id `web-0-old` (`web-0-v2` for version 2)."""
+    ident = f"{job_name}-{index}-old" if version == "1" else f"{job_name}-{index}-v{version}"
+    return Allocation(ident, job_name, version, node_name, index, Resources.parse(cpu, memory), ports)
 
 
 @dataclass
@@ -48,3 +57,9 @@ class Outcome:
 def run(nodes: list[Node], the_job: Job, allocations: tuple[Allocation, ...] = (), **kw: Any) -> Outcome:
     plan = place(nodes, allocations, the_job, **kw)
     return Outcome(plan, Counter(a.node for a in plan.placements))
+
+
+def misfits(nodes: list[Node], allocations: tuple[Allocation, ...], jobs: list[Job]) -> dict[str, str]:
+    """check_allocations as {allocation id: reason} (the list is in input order; ids are unique here)."""
+    found = check_allocations(nodes, allocations, jobs)
+    return {m.alloc.id: m.reason for m in found}
