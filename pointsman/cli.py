@@ -10,6 +10,8 @@
                                            ask a running instance to reload its config
     pointsman top [--admin HOST:PORT | --config FILE] [--interval S] [--once] [--no-color]
                                            live view of the SQL listeners (GET /sql/stats)
+    pointsman logs ALLOC [--stderr] [--tail BYTES] [-f] [--admin HOST:PORT | --config FILE]
+                                           what an allocation's task wrote
 
 Exit codes: 0 success, 1 an invalid config, a refused reload or an unreachable instance,
 2 a usage error (argparse) or, for ``plan``, an instance that could not be placed.
@@ -23,7 +25,9 @@ import json
 import logging
 import os
 import sys
+import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
@@ -38,8 +42,9 @@ from pointsman.supervisor import DEFAULT_DRAIN_TIMEOUT, build_supervisor
 from router.config import format_address, parse_address
 from scheduler.config import effective_nodes
 from scheduler.errors import SpecError
-from scheduler.model import Job, Plan
+from scheduler.model import Plan
 from scheduler.plan import place_into
+from scheduler.reconciler import placement_order
 from scheduler.state import ClusterState
 
 log = logging.getLogger("pointsman")
@@ -97,7 +102,7 @@ def _serve(args: argparse.Namespace, *, router: bool, discovery: bool | None = N
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    # Discovery runs when the config has a discovery section; the scheduler will join here.
+    # Discovery runs when the config has a discovery section or jobs; the scheduler with jobs.
     return _serve(args, router=True)
 
 
@@ -132,29 +137,6 @@ def cmd_schema(args: argparse.Namespace) -> int:
     return 0
 
 
-def _placement_order(jobs: Sequence[Job], wanted: str | None) -> list[Job]:
-    """Jobs an affinity is `near` go before the jobs naming them (else config order); with
-    `wanted`, only that job and what it is near (transitively)."""
-    by_name = {job.name: job for job in jobs}
-    order: list[Job] = []
-    state: dict[str, int] = {}  # 1 = visiting, 2 = done; a cycle falls back to config order
-
-    def visit(job: Job) -> None:
-        if state.get(job.name):
-            return
-        state[job.name] = 1
-        for affinity in job.affinity:
-            target = by_name.get(affinity.near)
-            if target is not None and affinity.weight > 0:
-                visit(target)
-        state[job.name] = 2
-        order.append(job)
-
-    for job in jobs if wanted is None else [by_name[wanted]]:
-        visit(job)
-    return order
-
-
 def _format_memory(size: int) -> str:
     """128Mi, 2Gi; sizes that are not whole units of Mi/Gi rounded: 23.5Gi."""
     for unit, factor in (("Gi", 1024**3), ("Mi", 1024**2)):
@@ -184,7 +166,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.job is not None and args.job not in names:
         print(f"{args.file}: unknown job {args.job!r} (known: {', '.join(names) or 'none'})", file=sys.stderr)
         return 1
-    order = _placement_order(jobs, args.job)
+    order = placement_order(jobs, args.job)
     plans: dict[str, Plan] = {
         job.name: place_into(state, job, algorithm=algorithm, eval_id=args.eval_id) for job in order
     }
@@ -318,6 +300,50 @@ def cmd_top(args: argparse.Namespace) -> int:
     )
 
 
+def _get_logs(address: tuple[str, int], alloc: str, query: str) -> tuple[bytes, int]:
+    url = f"http://{format_address(_connectable(address))}/allocations/{urllib.parse.quote(alloc)}/logs?{query}"
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return response.read(), int(response.headers.get("X-Pointsman-Log-Size", "0"))
+    except urllib.error.HTTPError as exc:
+        try:
+            errors = json.loads(exc.read()).get("errors", [])
+        except ValueError:
+            errors = []
+        finally:
+            exc.close()
+        reason = "; ".join(str(e.get("reason")) for e in errors) or f"HTTP {exc.code}"
+        raise AdminError(f"{alloc}: {reason}") from None
+    except (urllib.error.URLError, OSError) as exc:
+        raise AdminError(f"{url}: cannot reach the admin API: {getattr(exc, 'reason', exc)}") from None
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    address = _admin_address(args)
+    if address is None:
+        return 1
+    stream = "stderr" if args.stderr else "stdout"
+    out = sys.stdout.buffer
+    try:
+        body, size = _get_logs(address, args.alloc, f"stream={stream}&tail={args.tail}")
+        out.write(body)
+        out.flush()
+        while args.follow:
+            time.sleep(0.5)
+            body, now = _get_logs(address, args.alloc, f"stream={stream}&offset={size}")
+            if now < size:  # the file was truncated or replaced: start over
+                body, now = _get_logs(address, args.alloc, f"stream={stream}&offset=0")
+            out.write(body)
+            out.flush()
+            size = now
+    except AdminError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    return 0
+
+
 # -- arguments -------------------------------------------------------------------------
 
 
@@ -429,6 +455,23 @@ def build_parser() -> argparse.ArgumentParser:
     top.add_argument("--once", action="store_true", help="print one frame and exit (1 if the API is unreachable)")
     top.add_argument("--no-color", action="store_true", help="no ANSI colours (also off when $NO_COLOR is set)")
     top.set_defaults(func=cmd_top)
+
+    logs = commands.add_parser(
+        "logs",
+        help="print the output of an allocation's task (GET /allocations/ID/logs)",
+        description="Print what an allocation's task wrote (stdout by default) from a running instance.",
+        parents=[common],
+    )
+    logs.add_argument("alloc", metavar="ALLOC", help="allocation id, or a unique prefix of one")
+    logs.add_argument("--stderr", action="store_true", help="stderr instead of stdout")
+    logs.add_argument("--tail", type=int, default=64 * 1024, metavar="BYTES", help="last BYTES only (0: all)")
+    logs.add_argument("-f", "--follow", action="store_true", help="keep printing what the task writes")
+    where = logs.add_mutually_exclusive_group()
+    where.add_argument(
+        "--admin", type=_address, metavar="HOST:PORT", help="the instance's admin API (default: 127.0.0.1:9901)"
+    )
+    where.add_argument("--config", metavar="FILE", help="read the admin address from this file's admin.listen")
+    logs.set_defaults(func=cmd_logs)
     return parser
 
 

@@ -75,6 +75,7 @@ class DiscoveryComponent(Component):
         self.store: SqliteStore | None = None
         self.registry: Registry | None = None
         self.dns: DnsServer | None = None
+        self.state_dir = default_state_dir()
         self._dns_config: object = None
         self._registry_collector = RegistryCollector(catalog)
         self._dns_collector = _Forward()
@@ -83,6 +84,7 @@ class DiscoveryComponent(Component):
         section = config.discovery or DiscoveryConfig()
         state_dir = Path(section.state_dir) if section.state_dir else default_state_dir()
         state_dir.mkdir(parents=True, exist_ok=True)
+        self.state_dir = state_dir
         self.store = SqliteStore(str(state_dir / STATE_FILE))
         await self.store.start()
         self.registry = Registry(self.store, self.catalog)

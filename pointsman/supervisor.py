@@ -450,22 +450,33 @@ def build_supervisor(
 ) -> Supervisor:
     """The supervisor for a command: which components it runs is the command's choice
     (``up`` runs everything the file configures, ``router`` the router only, ``dns`` the
-    registry and DNS only). ``discovery=None``: when the config has a discovery section.
+    registry and DNS only). ``discovery=None``: when the config has a discovery section, or
+    declares jobs (the scheduler keeps its allocations in the registry's store).
 
-    Discovery starts first and stops last: the router's clusters that follow a service read
-    its catalog."""
+    Order: store, registry and DNS -> router -> scheduler; stopped in reverse, so instances
+    are deregistered and stopped while the router still drains them, and the router's
+    clusters that follow a service read the catalog until the end."""
     stats = RouterStats()
     components: list[Component] = []
     catalog: Catalog | None = None
+    from pointsman.scheduler_component import wants_scheduler
+
+    scheduler = router and discovery is None and wants_scheduler(config)
     if discovery is None:
-        discovery = config.discovery is not None
+        discovery = config.discovery is not None or scheduler
+    discovery_component = None
     if discovery:
         from pointsman.discovery_component import DiscoveryComponent
 
         catalog = Catalog()
-        components.append(DiscoveryComponent(catalog))
+        discovery_component = DiscoveryComponent(catalog)
+        components.append(discovery_component)
     if router:
         components.append(RouterComponent(stats, catalog))
+    if scheduler and discovery_component is not None:
+        from pointsman.scheduler_component import SchedulerComponent
+
+        components.append(SchedulerComponent(discovery_component))
     return Supervisor(
         config,
         config_path,

@@ -32,6 +32,9 @@ from units import Duration
 
 LOCAL_NODE = "local"
 _NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+# A job is also a service: its name is a DNS label (`web.svc.internal`), lowercase, short
+# enough that an allocation id `<job>-<index>-<12 hex>` is one too.
+_JOB_NAME_PATTERN = r"^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$"
 
 
 Cpu = Annotated[
@@ -59,6 +62,14 @@ Memory = Annotated[
 ]
 DriverName = Literal["process", "docker"]
 Name = Annotated[str, Field(pattern=_NAME_PATTERN, max_length=63)]
+JobName = Annotated[
+    str,
+    Field(
+        pattern=_JOB_NAME_PATTERN,
+        max_length=40,
+        description="lowercase letters, digits and '-': the job is served as the DNS name <job>.svc.internal",
+    ),
+]
 
 
 class Strict(BaseModel):
@@ -126,7 +137,11 @@ class JobHealthConfig(Strict):
     http: str | None = None
     port: str
     interval: Duration = 10.0
-    grace: Duration = 0.0
+    timeout: Duration = 2.0
+    grace: Duration = Field(default=1.0, description="failing checks are ignored this long after a start")
+    unhealthy_after: Annotated[int, Field(ge=1)] = Field(
+        default=3, description="restart the task once checks have failed for this many intervals (after grace)"
+    )
 
     @field_validator("http")
     @classmethod
@@ -174,7 +189,11 @@ class SpreadConfig(Strict):
 
 
 class RestartConfig(Strict):
+    """Restart a task that ended `attempts` times within `interval`, waiting `delay` doubled each
+    time up to `max_delay`; one more failure fails the allocation and it is placed anew."""
+
     attempts: Annotated[int, Field(ge=0)] = 5
+    interval: Duration = 300.0
     delay: Duration = 1.0
     max_delay: Duration = 30.0
 
@@ -185,7 +204,7 @@ class UpdateConfig(Strict):
 
 
 class JobConfig(Strict):
-    name: Name
+    name: JobName
     version: str = "1"
     driver: DriverName = "process"
     command: list[str] = Field(default_factory=list)
@@ -200,6 +219,10 @@ class JobConfig(Strict):
     spread: SpreadConfig | None = None
     restart: RestartConfig = RestartConfig()
     update: UpdateConfig = UpdateConfig()
+    shutdown_delay: Duration = Field(
+        default=0.5, description="between deregistering an instance and stopping it, so the router drains it"
+    )
+    kill_timeout: Duration = Field(default=5.0, description="SIGTERM, then SIGKILL after this long")
 
     @field_validator("version", mode="before")
     @classmethod

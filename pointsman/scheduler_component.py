@@ -1,0 +1,132 @@
+"""The scheduler component: the reconciler with its drivers, fed by the config's `nodes` and `jobs`.
+
+Runs in `pointsman up` when the config declares `jobs`, `nodes` or a `scheduler` section. It
+starts after discovery (its allocations live in the registry's store, its instances are
+registered in the registry) and stops first: instances are deregistered and stopped while the
+router still drains them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from pointsman.supervisor import Component
+from scheduler.api import scheduler_routes
+from scheduler.driver import Driver
+from scheduler.drivers.process import ProcessDriver
+from scheduler.reconciler import Reconciler
+
+if TYPE_CHECKING:
+    from aiohttp import web
+
+    from pointsman.config import Config
+    from pointsman.discovery_component import DiscoveryComponent
+
+log = logging.getLogger("pointsman.scheduler")
+
+
+def wants_scheduler(config: Config) -> bool:
+    return bool(config.jobs) or config.nodes is not None or config.scheduler is not None
+
+
+class SchedulerComponent(Component):
+    name = "scheduler"
+    config_section = "jobs"
+
+    def __init__(self, discovery: DiscoveryComponent) -> None:
+        self.discovery = discovery
+        self.reconciler: Reconciler | None = None
+        self._collector = SchedulerCollector(self)
+
+    def _get(self) -> Reconciler:
+        if self.reconciler is None:
+            raise RuntimeError("the scheduler is not started")
+        return self.reconciler
+
+    async def start(self, config: Config) -> None:
+        store, registry = self.discovery.store, self.discovery.registry
+        assert store is not None and registry is not None, "discovery starts before the scheduler"
+        state_dir = self.discovery.state_dir
+        drivers: dict[str, Driver] = {"process": ProcessDriver(state_dir / "process")}
+        try:
+            from scheduler.drivers.docker import DockerDriver
+        except ImportError as exc:  # the docker SDK is a dependency; say so rather than fail
+            log.warning("docker driver unavailable: %s", exc)
+        else:
+            drivers["docker"] = DockerDriver(state_dir / "docker")
+        algorithm = config.scheduler.algorithm if config.scheduler is not None else "binpack"
+        reconciler = Reconciler(store, registry, drivers, algorithm=algorithm)
+        await reconciler.start(config.nodes, config.jobs)
+        self.reconciler = reconciler
+
+    async def reload(self, config: Config) -> None:
+        reconciler = self._get()
+        reconciler.algorithm = config.scheduler.algorithm if config.scheduler is not None else "binpack"
+        await reconciler.set_declared(config.nodes, config.jobs)
+
+    async def stop(self, deadline: float) -> None:
+        reconciler, self.reconciler = self.reconciler, None
+        if reconciler is None:
+            return
+        await reconciler.close()
+        for driver in reconciler.drivers.values():
+            close = getattr(driver, "close", None)
+            if close is not None:
+                close()
+
+    def endpoints(self) -> list[str]:
+        if self.reconciler is None:
+            return []
+        r = self.reconciler
+        drivers = ", ".join(
+            f"{name}: {why}" if ok else f"{name}: unavailable ({why})" for name, (ok, why) in r.driver_ok.items()
+        )
+        return [f"scheduler {len(r.jobs)} job(s), {len(r.live())} allocation(s); drivers {drivers}"]
+
+    def admin_routes(self) -> list[web.RouteDef]:
+        return scheduler_routes(self._get)
+
+    def collectors(self) -> list[Collector]:
+        return [self._collector]
+
+
+class SchedulerCollector(Collector):
+    """Allocations by job, version, node and status; restarts; placements; unplaced instances."""
+
+    def __init__(self, component: SchedulerComponent) -> None:
+        self.component = component
+
+    def collect(self) -> Iterator[Any]:
+        reconciler = self.component.reconciler
+        if reconciler is None:
+            return
+        allocs = GaugeMetricFamily(
+            "pointsman_scheduler_allocations",
+            "Allocations by job, version, node, status and health",
+            labels=("job", "version", "node", "status", "health"),
+        )
+        counts: dict[tuple[str, str, str, str, str], int] = {}
+        for alloc in reconciler.live():
+            key = (alloc.job, alloc.version, alloc.node, alloc.status, alloc.health or "unknown")
+            counts[key] = counts.get(key, 0) + 1
+        for key, n in sorted(counts.items()):
+            allocs.add_metric(key, float(n))
+        yield allocs
+        restarts = CounterMetricFamily("pointsman_scheduler_restarts", "Task restarts by job", labels=("job",))
+        for job, n in sorted(reconciler.restarts_total.items()):
+            restarts.add_metric((job,), float(n))
+        yield restarts
+        placements = CounterMetricFamily("pointsman_scheduler_placements", "Allocations placed")
+        placements.add_metric((), float(reconciler.placements))
+        yield placements
+        unplaced = GaugeMetricFamily(
+            "pointsman_scheduler_unplaced_instances", "Instances that fit on no node", labels=("job",)
+        )
+        for job, entry in sorted(reconciler.unplaced.items()):
+            unplaced.add_metric((job,), float(entry.count))
+        yield unplaced
