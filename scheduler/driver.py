@@ -44,6 +44,10 @@ class TaskSpec:
     image: str | None = None  # docker only
     volumes: Mapping[str, str] = field(default_factory=dict)  # docker: host path -> "container path[:ro]"
     labels: Mapping[str, str] = field(default_factory=dict)
+    # process driver: "host" (the host's network) or "namespace" (an address of its own on a
+    # bridge, see scheduler/netns.py; ${HOST} is then that address)
+    network: str = "host"
+    dns: str | None = None  # namespace: the IPv4 nameserver (port 53) of its resolv.conf; default the gateway
 
 
 @dataclass(frozen=True)
@@ -59,6 +63,7 @@ class TaskHandle:
     ref: str
     started_at: float
     limits: str
+    address: str | None = None  # the task's own address (network "namespace"), else None
 
 
 @dataclass(frozen=True)

@@ -1,10 +1,11 @@
-"""ProcessDriver: runs a task as a host process in its own session, limited by cgroup v2 when it can.
+"""ProcessDriver: runs a task as a host process in its own session, limited by cgroups when it can.
 
 Layout under `state_dir`:
 
     logs/<alloc_id>.stdout, logs/<alloc_id>.stderr   appended to, across restarts of the task
     tasks/<alloc_id>.json                             {pid, starttime, ...}: what adoption trusts
     work/<alloc_id>/                                   the task's working directory
+    netns/leases/<address>.json                        network "namespace" tasks (scheduler/netns.py)
 
 A pid alone is not an identity: after the task ends the kernel may hand the pid to something
 else. The record keeps the process start time (field 22 of /proc/<pid>/stat, in clock ticks
@@ -13,40 +14,70 @@ since boot); a pid whose start time differs is someone else's and is never signa
 Every task is the leader of a new session (and so of a process group whose id is its pid), so
 `killpg` reaches the children it forked too.
 
-Limits. Where /sys/fs/cgroup is a writable cgroup v2 hierarchy offering the memory and cpu
-controllers, each task gets `/sys/fs/cgroup/pointsman/<alloc_id>` with memory.max and cpu.max.
-The task joins its cgroup *before* it execs: the driver starts `/bin/sh -c 'echo $$ >
-.../cgroup.procs && exec "$@"'`, so there is no window in which the real command runs (and could
-fork, or allocate) outside its limits, which moving the pid in after start would leave. `exec`
-keeps the pid and the start time, so the record stays right. Where that hierarchy is missing
-(cgroup v1 or hybrid hosts, read-only /sys) the task runs without limits and `TaskHandle.limits`
-says so: reported, not faked.
+Limits. The first usable of:
+
+- cgroup v2: /sys/fs/cgroup is a writable v2 hierarchy offering the memory and cpu controllers.
+  Each task gets `/sys/fs/cgroup/pointsman/<alloc_id>` with memory.max (and memory.swap.max=0)
+  and cpu.max; OOM kills are counted in memory.events.
+- cgroup v1 (legacy or hybrid hosts): writable v1 hierarchies at /sys/fs/cgroup/memory and
+  /sys/fs/cgroup/cpu. Each task gets `memory/pointsman/<alloc_id>` with memory.limit_in_bytes
+  (and memory.memsw.limit_in_bytes at the same value where swap accounting exists, so swap does
+  not bypass the limit) and `cpu/pointsman/<alloc_id>` with cpu.cfs_period_us/cpu.cfs_quota_us.
+  OOM kills: `oom_kill N` of memory.oom_control (Linux 4.13+); on older kernels, memory.under_oom
+  or a SIGKILLed task whose memory.failcnt shows it hit the limit.
+
+The task joins its cgroups *before* it execs: the driver starts `/bin/sh -c 'echo $$ >
+<each>/cgroup.procs; exec "$@"'`, so there is no window in which the real command runs (and
+could fork, or allocate) outside its limits, which moving the pid in after start would leave.
+`exec` keeps the pid and the start time, so the record stays right. With neither hierarchy
+usable (no cgroups, read-only /sys, not root) the task runs without limits and
+`TaskHandle.limits` says so: reported, not faked. When the task is over its cgroups are
+emptied (whatever escaped its process group is killed) and removed, retrying briefly while the
+kernel finishes the exits.
+
+Network. `TaskSpec.network == "namespace"` gives the task a network namespace of its own on the
+pointsman bridge (scheduler/netns.py): it is built before the start, the command runs through
+`ip netns exec <ns>` (after the cgroup join; `ip` execs the command, keeping the pid), `${HOST}`
+is the instance's address and `TaskHandle.address` reports it. Namespace, veth, resolv.conf and
+address lease go when the task ends, is stopped or cleaned up. "host" (the default) changes
+nothing.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import errno
 import json
 import os
 import re
 import shutil
 import signal
+import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from scheduler.driver import Driver, DriverError, TaskExit, TaskHandle, TaskSpec, expand_spec
+from scheduler.netns import Lease, NetworkNamespaces
 
-# cpu.max period in microseconds; the quota is cores * period.
+# cpu.max / cpu.cfs_period_us period in microseconds; the quota is cores * period.
 CPU_PERIOD = 100_000
 # How often an adopted task (not our child, so nothing to await) is looked for in /proc.
 POLL_INTERVAL = 0.1
+# How long a task's emptied cgroup may stay busy (exits still in progress) before it is left
+# for the next cleanup.
+CGROUP_REMOVE_TIMEOUT = 2.0
+NETWORKS = ("host", "namespace")
 _ALLOC_ID_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
-# The wrapper that joins the cgroup, then becomes the task. $0 is the cgroup.procs path.
-_JOIN_CGROUP = 'echo $$ > "$0" || { echo "pointsman: cannot join cgroup $0" >&2; exit 125; }; exec "$@"'
+# The wrapper that joins the cgroups, then becomes the task. Its arguments are the cgroup.procs
+# files to write its pid to, "--", then the command; $0 is only a name for `ps`.
+_JOIN_CGROUPS = (
+    'for f; do shift; [ "$f" = -- ] && break; '
+    'echo $$ > "$f" || { echo "pointsman: cannot join cgroup $f" >&2; exit 125; }; done; exec "$@"'
+)
 
 
 def proc_starttime(pid: int) -> int | None:
@@ -72,6 +103,19 @@ def _describe(code: int | None, sig: int | None) -> str:
     if code is not None:
         return f"exited {code}"
     return "ended (exit status unknown: not our child)"
+
+
+def _key_values(path: Path) -> dict[str, int]:
+    """A flat-keyed cgroup file ("key value" per line) as a dict; empty when unreadable."""
+    values: dict[str, int] = {}
+    try:
+        for line in path.read_text().splitlines():
+            key, _, value = line.partition(" ")
+            with contextlib.suppress(ValueError):
+                values[key] = int(value)
+    except OSError:
+        pass
+    return values
 
 
 class CgroupV2:
@@ -118,8 +162,8 @@ class CgroupV2:
         if wanted:
             control.write_text(" ".join(f"+{c}" for c in wanted))
 
-    def create(self, alloc_id: str, cpu: float, memory: int) -> tuple[Path, str]:
-        """Make the task's cgroup with its limits; returns it and the limits as text."""
+    def create(self, alloc_id: str, cpu: float, memory: int) -> tuple[list[Path], str]:
+        """Make the task's cgroup with its limits; returns it (as a list) and the limits as text."""
         path = self.base / alloc_id
         path.mkdir(exist_ok=True)
         memory_max = str(memory) if memory > 0 else "max"
@@ -131,50 +175,226 @@ class CgroupV2:
         if memory > 0 and swap.exists():
             with contextlib.suppress(OSError):
                 swap.write_text("0")
-        return path, f"cgroup v2 memory.max={memory_max} cpu.max={cpu_max}"
+        return [path], f"cgroup v2 memory.max={memory_max} cpu.max={cpu_max}"
 
     @staticmethod
     def oom_kills(path: Path) -> int:
+        return _key_values(path / "memory.events").get("oom_kill", 0)
+
+
+class CgroupV1:
+    """The `pointsman` subtrees of the cgroup v1 memory and cpu hierarchies: probe once, then a
+    cgroup in each per task (v1 hierarchies are separate trees: the task joins both)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.memory = root / "memory" / "pointsman"
+        self.cpu = root / "cpu" / "pointsman"  # also right where "cpu" links to "cpu,cpuacct"
+        self._probed: tuple[bool, str] | None = None
+
+    def probe(self) -> tuple[bool, str]:
+        """Whether per-task cgroups can be made in both hierarchies, and why not."""
+        if self._probed is None:
+            self._probed = self._probe()
+        return self._probed
+
+    def _probe(self) -> tuple[bool, str]:
+        for base, marker in ((self.memory, "memory.limit_in_bytes"), (self.cpu, "cpu.cfs_quota_us")):
+            if not (base.parent / marker).exists():
+                return False, f"no cgroup v1 {base.parent.name} hierarchy at {base.parent}"
         try:
-            for line in (path / "memory.events").read_text().splitlines():
-                key, _, value = line.partition(" ")
-                if key == "oom_kill":
-                    return int(value)
-        except (OSError, ValueError):
-            pass
-        return 0
+            for base in (self.memory, self.cpu):
+                base.mkdir(exist_ok=True)
+        except OSError as exc:
+            return False, f"cgroup v1 not writable: {exc.strerror or exc} ({exc.filename})"
+        return True, f"cgroup v1 at {self.memory} and {self.cpu}"
+
+    def create(self, alloc_id: str, cpu: float, memory: int) -> tuple[list[Path], str]:
+        """Make the task's memory and cpu cgroups with their limits; returns them and the text."""
+        made: list[Path] = []
+        try:
+            memory_cgroup = self.memory / alloc_id
+            memory_cgroup.mkdir(exist_ok=True)
+            made.append(memory_cgroup)
+            cpu_cgroup = self.cpu / alloc_id
+            cpu_cgroup.mkdir(exist_ok=True)
+            made.append(cpu_cgroup)
+
+            limit = str(memory) if memory > 0 else "-1"  # -1: unlimited
+            written = [f"memory.limit_in_bytes={limit}"]
+            memsw = memory_cgroup / "memory.memsw.limit_in_bytes"  # only with swap accounting
+            swap_accounted = memsw.exists()
+            if swap_accounted:
+                # memory+swap may never be set below memory: lift it first (a reused cgroup may
+                # hold a smaller value), then set both to the limit, so swap cannot extend it.
+                memsw.write_text("-1")
+            (memory_cgroup / "memory.limit_in_bytes").write_text(limit)
+            if swap_accounted and memory > 0:
+                memsw.write_text(limit)
+                written.append(f"memory.memsw.limit_in_bytes={limit}")
+
+            quota = str(max(1000, int(cpu * CPU_PERIOD))) if cpu > 0 else "-1"
+            (cpu_cgroup / "cpu.cfs_period_us").write_text(str(CPU_PERIOD))
+            (cpu_cgroup / "cpu.cfs_quota_us").write_text(quota)
+            written.append(f"cpu.cfs_quota_us={quota}/{CPU_PERIOD}")
+        except OSError:
+            for path in made:
+                with contextlib.suppress(OSError):
+                    path.rmdir()
+            raise
+        return made, "cgroup v1 " + " ".join(written)
 
     @staticmethod
-    def remove(path: Path) -> None:
-        # The task is over: whatever it left behind in its cgroup (even processes that escaped
-        # its process group with setsid) is killed; cgroup.kill exists from Linux 5.14. Then the
-        # directory goes with rmdir (its files are virtual); that fails while a process is still
-        # inside, in which case it stays for the next cleanup.
-        kill = path / "cgroup.kill"
-        if kill.exists():
-            with contextlib.suppress(OSError):
-                kill.write_text("1")
+    def oom_killed(path: Path, sig: int | None) -> bool:
+        """Whether the kernel OOM-killed in this memory cgroup."""
+        control = _key_values(path / "memory.oom_control")
+        if "oom_kill" in control:  # Linux 4.13+
+            return control["oom_kill"] > 0
+        if control.get("under_oom", 0) > 0:
+            return True
+        # Older kernels do not count kills: a SIGKILLed task that hit its limit is the best guess.
+        try:
+            failcnt = int((path / "memory.failcnt").read_text())
+        except (OSError, ValueError):
+            failcnt = 0
+        return sig == signal.SIGKILL and failcnt > 0
+
+
+def _oom_killed(cgroups: list[Path], sig: int | None) -> bool:
+    for path in cgroups:
+        if (path / "memory.events").exists():
+            return CgroupV2.oom_kills(path) > 0
+        if (path / "memory.oom_control").exists():
+            return CgroupV1.oom_killed(path, sig)
+    return False
+
+
+def _empty_cgroup(path: Path) -> None:
+    """Kill whatever is still in a cgroup of a task that is over (even processes that left its
+    process group with setsid). v2 has cgroup.kill (Linux 5.14+); otherwise each listed pid gets
+    SIGKILL: a pid listed there is a member at that instant, and being a member keeps the pid
+    from being reused."""
+    kill = path / "cgroup.kill"
+    if kill.exists():
         with contextlib.suppress(OSError):
-            path.rmdir()
+            kill.write_text("1")
+        return
+    try:
+        pids = [int(pid) for pid in (path / "cgroup.procs").read_text().split()]
+    except (OSError, ValueError):
+        return
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+
+
+async def remove_cgroups(paths: list[Path], timeout: float = CGROUP_REMOVE_TIMEOUT) -> list[Path]:
+    """Empty and rmdir each cgroup (their files are virtual), retrying while the kernel finishes
+    the killed processes' exits (rmdir says EBUSY until then). Returns the cgroups that stayed:
+    they are left for the next cleanup."""
+    deadline = time.monotonic() + timeout
+    left = list(paths)
+    while True:
+        busy = []
+        for path in left:
+            _empty_cgroup(path)
+            try:
+                path.rmdir()
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                if exc.errno == errno.EBUSY:
+                    busy.append(path)  # members still exiting: try again
+        left = busy
+        if not left or time.monotonic() >= deadline:
+            return left
+        await asyncio.sleep(0.02)
+
+
+def _record_cgroups(record: dict[str, Any] | None) -> list[Path]:
+    if not record:
+        return []
+    paths = record.get("cgroups")
+    if paths is None:  # a record written before v1 support: one v2 cgroup or none
+        paths = [record["cgroup"]] if record.get("cgroup") else []
+    return [Path(path) for path in paths]
+
+
+class _Spawned:
+    """A child started with `subprocess.Popen` and awaited through a pidfd.
+
+    Not `asyncio.create_subprocess_exec`: under uvloop that spawns through libuv, which hands
+    the child duplicates of pointsman's own stdio and internal pipes (measured: fds 10-21 and
+    251 in every child). A task holding a copy of the pipe on pointsman's stdout keeps that
+    pipe open for as long as it lives, so `pointsman up | tee log` would never see the end.
+    Popen closes every descriptor but 0-2 (close_fds).
+    """
+
+    def __init__(self, popen: subprocess.Popen[bytes]) -> None:
+        self.popen = popen
+        self.pid = popen.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self.popen.poll()
+
+    async def wait(self) -> int:
+        code = self.popen.poll()
+        if code is not None:
+            return code
+        loop = asyncio.get_running_loop()
+        try:
+            pidfd = os.pidfd_open(self.pid)
+        except OSError:  # no pidfd (kernel < 5.3): poll
+            while (code := self.popen.poll()) is None:
+                await asyncio.sleep(POLL_INTERVAL)
+            return code
+        try:
+            while (code := self.popen.poll()) is None:
+                readable: asyncio.Future[None] = loop.create_future()
+                loop.add_reader(pidfd, _resolve, readable)
+                try:
+                    await readable
+                finally:
+                    loop.remove_reader(pidfd)
+            return code
+        finally:
+            os.close(pidfd)
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 @dataclass
 class _Child:
-    """A task this driver instance started: the asyncio process to await."""
+    """A task this driver instance started: the process to await."""
 
-    process: asyncio.subprocess.Process
+    process: _Spawned
     starttime: int
 
 
 class ProcessDriver(Driver):
     name = "process"
 
-    def __init__(self, state_dir: Path, cgroup_root: Path | None = Path("/sys/fs/cgroup")) -> None:
+    def __init__(
+        self,
+        state_dir: Path,
+        cgroup_root: Path | None = Path("/sys/fs/cgroup"),
+        network: NetworkNamespaces | None = None,
+    ) -> None:
         self.state_dir = Path(state_dir)
-        self.cgroups = CgroupV2(cgroup_root) if cgroup_root is not None else None
+        self.cgroup_root = cgroup_root
+        self._cgroups: CgroupV2 | CgroupV1 | None = None
+        self._cgroups_status: str | None = None
+        # Namespaces are made only for tasks that ask; the default manager has no side effects.
+        self.network = network if network is not None else NetworkNamespaces(self.state_dir / "netns")
         self._children: dict[str, _Child] = {}
         self._exits: dict[str, TaskExit] = {}
+        self._finishing: dict[str, asyncio.Future[TaskExit]] = {}
         self._stopping: set[str] = set()
+        self._starting: set[str] = set()
 
     # -- paths and records -------------------------------------------------------------------
 
@@ -198,71 +418,132 @@ class ProcessDriver(Driver):
         tmp.write_text(json.dumps(record, indent=2))
         os.replace(tmp, path)  # atomic: a crash never leaves half a record
 
+    # -- limits ------------------------------------------------------------------------------
+
+    @property
+    def cgroups(self) -> CgroupV2 | CgroupV1 | None:
+        """The cgroup flavour in use: v2 if usable, else v1, else None (see `limits_status`)."""
+        self.limits_status()
+        return self._cgroups
+
     def limits_status(self) -> str:
-        if self.cgroups is None:
-            return "none: cgroups disabled"
-        ok, why = self.cgroups.probe()
-        return why if ok else f"none: {why}"
+        """What the probe found, once: the hierarchy in use, or "none: <why neither works>"."""
+        if self._cgroups_status is None:
+            if self.cgroup_root is None:
+                self._cgroups_status = "none: cgroups disabled"
+            else:
+                reasons = []
+                for backend in (CgroupV2(self.cgroup_root), CgroupV1(self.cgroup_root)):
+                    ok, why = backend.probe()
+                    if ok:
+                        self._cgroups, self._cgroups_status = backend, why
+                        break
+                    reasons.append(why)
+                else:
+                    self._cgroups_status = "none: " + "; ".join(reasons)
+        return self._cgroups_status
 
     # -- the contract ------------------------------------------------------------------------
 
     async def available(self) -> tuple[bool, str]:
-        return True, f"host processes; limits: {self.limits_status()}"
+        ok, network = self.network.available()
+        networks = "host and namespace" if ok else f"host only ({network})"
+        return True, f"host processes; limits: {self.limits_status()}; networks: {networks}"
 
     async def start(self, spec: TaskSpec) -> TaskHandle:
         if not _ALLOC_ID_RE.match(spec.alloc_id):
             raise DriverError(f"alloc id {spec.alloc_id!r} is not usable as a file name")
         if not spec.command:
             raise DriverError(f"{spec.alloc_id}: empty command")
+        if spec.network not in NETWORKS:
+            raise DriverError(f"{spec.alloc_id}: network {spec.network!r}: expected one of {', '.join(NETWORKS)}")
+        if spec.network == "namespace":
+            ok, why = self.network.available()
+            if not ok:
+                raise DriverError(f"{spec.alloc_id}: {why}")
+        finishing = self._finishing.get(spec.alloc_id)
+        if finishing is not None:  # the previous task's teardown first: it must not hit the new one
+            await asyncio.shield(finishing)
         child = self._children.get(spec.alloc_id)
-        if (child is not None and child.process.returncode is None) or record_alive(self._read_record(spec.alloc_id)):
+        if (
+            spec.alloc_id in self._starting
+            or (child is not None and child.process.returncode is None)
+            or record_alive(self._read_record(spec.alloc_id))
+        ):
             raise DriverError(f"{spec.alloc_id}: a task is already running for this allocation")
-        command, task_env = expand_spec(spec)
-        env = {"PATH": os.environ["PATH"]} if "PATH" in os.environ else {}
-        env.update(task_env)
-        executable = shutil.which(command[0], path=env.get("PATH"))
+        command, _ = expand_spec(spec)  # every reference checked before anything is made
+        path = os.environ.get("PATH")
+        executable = shutil.which(command[0], path=path)
         if executable is None:
             raise DriverError(f"{spec.alloc_id}: command not found: {command[0]!r}")
+        self._starting.add(spec.alloc_id)
+        try:
+            return await self._start(spec, executable)
+        finally:
+            self._starting.discard(spec.alloc_id)
 
+    async def _start(self, spec: TaskSpec, executable: str) -> TaskHandle:
         for sub in ("logs", "tasks", "work"):
             (self.state_dir / sub).mkdir(parents=True, exist_ok=True)
         workdir = self.state_dir / "work" / spec.alloc_id
         workdir.mkdir(exist_ok=True)
 
-        argv: tuple[str, ...] = (executable, *command[1:])
-        cgroup: Path | None = None
-        limits = self.limits_status()
-        if self.cgroups is not None and self.cgroups.probe()[0]:
-            try:
-                cgroup, limits = self.cgroups.create(spec.alloc_id, spec.cpu, spec.memory)
-            except OSError as exc:
-                limits = f"none: cannot create cgroup for {spec.alloc_id}: {exc.strerror or exc}"
-            else:
-                argv = ("/bin/sh", "-c", _JOIN_CGROUP, str(cgroup / "cgroup.procs"), *argv)
+        lease: Lease | None = None
+        cgroups: list[Path] = []
+        try:
+            if spec.network == "namespace":
+                lease = await self.network.setup(spec.alloc_id, spec.dns)
+                spec = dataclasses.replace(spec, host=lease.address)  # ${HOST}: its own address
+            command, task_env = expand_spec(spec)
+            env = {"PATH": os.environ["PATH"]} if "PATH" in os.environ else {}
+            env.update(task_env)
 
-        stdout_path, stderr_path = self.log_paths(spec.alloc_id)
-        with open(stdout_path, "ab") as out, open(stderr_path, "ab") as err:
-            try:
-                process = await asyncio.create_subprocess_exec(
-                    *argv,
-                    stdin=asyncio.subprocess.DEVNULL,
-                    stdout=out,
-                    stderr=err,
-                    env=env,
-                    cwd=workdir,
-                    start_new_session=True,  # own session and process group: killpg reaches its children
-                )
-            except OSError as exc:
-                if cgroup is not None:
-                    CgroupV2.remove(cgroup)
-                raise DriverError(f"{spec.alloc_id}: cannot start {command[0]!r}: {exc}") from exc
+            argv: tuple[str, ...] = (executable, *command[1:])
+            if lease is not None:
+                argv = (*self.network.exec_prefix(lease), *argv)
+            limits = self.limits_status()
+            backend = self.cgroups
+            if backend is not None:
+                try:
+                    cgroups, limits = backend.create(spec.alloc_id, spec.cpu, spec.memory)
+                except OSError as exc:
+                    limits = f"none: cannot create cgroup for {spec.alloc_id}: {exc.strerror or exc}"
+                else:
+                    procs = [str(cgroup / "cgroup.procs") for cgroup in cgroups]
+                    # The shell exports PWD, which the task's environment did not have.
+                    script = _JOIN_CGROUPS if "PWD" in env else "unset PWD; " + _JOIN_CGROUPS
+                    argv = ("/bin/sh", "-c", script, "pointsman-join", *procs, "--", *argv)
+
+            stdout_path, stderr_path = self.log_paths(spec.alloc_id)
+            with open(stdout_path, "ab") as out, open(stderr_path, "ab") as err:
+                try:
+                    process = _Spawned(
+                        subprocess.Popen(
+                            argv,
+                            stdin=subprocess.DEVNULL,
+                            stdout=out,
+                            stderr=err,
+                            env=env,
+                            cwd=workdir,
+                            close_fds=True,
+                            start_new_session=True,  # own session and process group: killpg reaches its children
+                        )
+                    )
+                except OSError as exc:
+                    raise DriverError(f"{spec.alloc_id}: cannot start {command[0]!r}: {exc}") from exc
+        except BaseException:
+            await remove_cgroups(cgroups)
+            if lease is not None:
+                await self.network.release(spec.alloc_id)
+            raise
         started_at = time.time()
         starttime = proc_starttime(process.pid)
         if starttime is None:  # already gone (and reaped): still a task that ran and ended
             starttime = 0
         self._children[spec.alloc_id] = _Child(process, starttime)
         self._exits.pop(spec.alloc_id, None)
-        handle = TaskHandle(spec.alloc_id, self.name, f"{process.pid}:{starttime}", started_at, limits)
+        address = lease.address if lease is not None else None
+        handle = TaskHandle(spec.alloc_id, self.name, f"{process.pid}:{starttime}", started_at, limits, address)
         self._write_record(
             spec.alloc_id,
             {
@@ -272,7 +553,10 @@ class ProcessDriver(Driver):
                 "starttime": starttime,
                 "started_at": started_at,
                 "limits": limits,
-                "cgroup": str(cgroup) if cgroup is not None else None,
+                "cgroups": [str(cgroup) for cgroup in cgroups],
+                "network": spec.network,
+                "netns": lease.netns if lease is not None else None,
+                "address": address,
                 "command": list(command),
             },
         )
@@ -296,28 +580,43 @@ class ProcessDriver(Driver):
             # Adopted (started before a restart): not our child, so no exit status to collect.
             while proc_starttime(pid) == starttime:
                 await asyncio.sleep(POLL_INTERVAL)
-        return self._finish(alloc_id, code, sig)
+        return await self._finish(alloc_id, code, sig)
 
-    def _finish(self, alloc_id: str, code: int | None, sig: int | None) -> TaskExit:
-        """Record how the task ended (first caller wins), drop its record and cgroup."""
-        if alloc_id in self._exits:
-            return self._exits[alloc_id]
+    async def _finish(self, alloc_id: str, code: int | None, sig: int | None) -> TaskExit:
+        """Record how the task ended and release what it held. The first caller's status wins;
+        every caller returns only once the teardown is done (so after stop() nothing is left)."""
+        pending = self._finishing.get(alloc_id)
+        if pending is None:
+            if alloc_id in self._exits:
+                return self._exits[alloc_id]
+            pending = asyncio.ensure_future(self._release(alloc_id, code, sig))
+            self._finishing[alloc_id] = pending
+            pending.add_done_callback(lambda _: self._finishing.pop(alloc_id, None))
+        # Shielded: a caller that gives up (a cancelled wait) must not cut the teardown short.
+        return await asyncio.shield(pending)
+
+    async def _release(self, alloc_id: str, code: int | None, sig: int | None) -> TaskExit:
         reason = _describe(code, sig)
         record = self._read_record(alloc_id)
-        cgroup = Path(record["cgroup"]) if record and record.get("cgroup") else None
-        if cgroup is not None and CgroupV2.oom_kills(cgroup) > 0:
+        if _oom_killed(_record_cgroups(record), sig):
             reason = f"oom-killed ({reason})"
         if alloc_id in self._stopping:
             reason = f"stopped ({reason})"
         exit_ = TaskExit(alloc_id, code, sig, time.time(), reason)
-        self._exits[alloc_id] = exit_
-        self._children.pop(alloc_id, None)
-        self._stopping.discard(alloc_id)
-        if cgroup is not None:
-            CgroupV2.remove(cgroup)
-        with contextlib.suppress(FileNotFoundError):
-            self._record_path(alloc_id).unlink()
+        try:
+            await self._teardown(alloc_id, record)
+        finally:
+            self._exits[alloc_id] = exit_
+            self._children.pop(alloc_id, None)
+            self._stopping.discard(alloc_id)
+            with contextlib.suppress(FileNotFoundError):
+                self._record_path(alloc_id).unlink()
         return exit_
+
+    async def _teardown(self, alloc_id: str, record: dict[str, Any] | None) -> None:
+        """Cgroups first (that kills what is left of the task), then its network namespace."""
+        await remove_cgroups(_record_cgroups(record))
+        await self.network.release(alloc_id)  # a no-op without a lease
 
     async def stop(self, handle: TaskHandle, grace: float = 5.0) -> TaskExit:
         alloc_id = handle.alloc_id
@@ -355,22 +654,23 @@ class ProcessDriver(Driver):
             record = self._read_record(path.stem)
             if record is None:
                 continue
+            alloc_id = record["alloc_id"]
             if not record_alive(record):
-                if record["alloc_id"] in self._children:
+                if alloc_id in self._children or alloc_id in self._finishing:
                     continue  # our child, ended: wait() collects its status and cleans up
-                # Ended while nobody watched: forget it (and its cgroup, if any).
-                if record.get("cgroup"):
-                    CgroupV2.remove(Path(record["cgroup"]))
+                # Ended while nobody watched: forget it (its cgroups and namespace too).
+                await self._teardown(alloc_id, record)
                 with contextlib.suppress(FileNotFoundError):
                     path.unlink()
                 continue
             handles.append(
                 TaskHandle(
-                    alloc_id=record["alloc_id"],
+                    alloc_id=alloc_id,
                     driver=self.name,
                     ref=f"{record['pid']}:{record['starttime']}",
                     started_at=record["started_at"],
                     limits=record["limits"],
+                    address=record.get("address"),
                 )
             )
         return handles
@@ -378,6 +678,12 @@ class ProcessDriver(Driver):
     async def cleanup(self, keep: set[str]) -> list[str]:
         orphans = [handle for handle in await self.running() if handle.alloc_id not in keep]
         await asyncio.gather(*(self.stop(handle, grace=2.0) for handle in orphans))
+        # Leases without a task (a crash between making the namespace and starting the task).
+        live = {handle.alloc_id for handle in await self.running()}
+        busy = live | keep | self._starting | set(self._children) | set(self._finishing)
+        for lease in self.network.leases():
+            if lease.alloc_id not in busy:
+                await self.network.release(lease.alloc_id)
         return [handle.alloc_id for handle in orphans]
 
 

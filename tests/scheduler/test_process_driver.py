@@ -1,5 +1,7 @@
 """ProcessDriver with real processes: exit codes, signals, logs, env/port expansion, adoption
-after a restart (a second driver on the same state dir), orphan cleanup and cgroup v2 limits."""
+after a restart (a second driver on the same state dir), orphan cleanup and cgroup limits: v2
+where the host has it, v1 (memory and cpu hierarchies) on legacy/hybrid hosts, both on the real
+kernel (an OOM kill, CPU throttling), skipped only where the hierarchy is not writable."""
 
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from scheduler.driver import DriverError, TaskSpec, expand, expand_spec, task_variables
-from scheduler.drivers.process import CgroupV2, ProcessDriver, proc_starttime
+from scheduler.drivers.process import CPU_PERIOD, CgroupV1, CgroupV2, ProcessDriver, proc_starttime
 
 PY = sys.executable
 READY = "print('ready', flush=True); "
@@ -270,8 +272,11 @@ async def test_limits_are_reported_as_they_are(driver: ProcessDriver) -> None:
     assert ok
     handle = await driver.start(spec("lim", PY, "-c", "pass", cpu=0.25, memory=128 * 1024**2))
     await driver.wait(handle)
-    if driver.cgroups is not None and driver.cgroups.probe()[0]:
+    if isinstance(driver.cgroups, CgroupV2):
         assert handle.limits == "cgroup v2 memory.max=134217728 cpu.max=25000 100000"
+    elif isinstance(driver.cgroups, CgroupV1):
+        swap = " memory.memsw.limit_in_bytes=134217728" if _swap_accounted() else ""
+        assert handle.limits == f"cgroup v1 memory.limit_in_bytes=134217728{swap} cpu.cfs_quota_us=25000/100000"
     else:
         assert handle.limits.startswith("none: ")
         assert handle.limits in why
@@ -302,16 +307,31 @@ async def test_cgroup_join_before_exec_on_a_fake_hierarchy(tmp_path: Path) -> No
     assert drv.log_paths("fake")[0].read_text().strip() == pid
 
 
-async def test_no_cgroup_v2_means_no_limits(tmp_path: Path) -> None:
-    drv = ProcessDriver(tmp_path / "state", cgroup_root=tmp_path / "missing")
+async def test_no_cgroups_means_no_limits(tmp_path: Path) -> None:
+    missing = tmp_path / "missing"
+    drv = ProcessDriver(tmp_path / "state", cgroup_root=missing)
     handle = await drv.start(spec("free", PY, "-c", "pass", memory=1024))
     await drv.wait(handle)
-    assert handle.limits == f"none: no cgroup v2 hierarchy at {tmp_path / 'missing'}"
+    assert drv.cgroups is None
+    assert handle.limits == (
+        f"none: no cgroup v2 hierarchy at {missing}; no cgroup v1 memory hierarchy at {missing / 'memory'}"
+    )
 
 
 def _real_cgroups() -> tuple[bool, str]:
     ok, why = CgroupV2(Path("/sys/fs/cgroup")).probe()
     return ok, why
+
+
+def _real_cgroups_v1() -> tuple[bool, str]:
+    """Usable only where v2 is not: the driver picks v2 first."""
+    if _real_cgroups()[0]:
+        return False, "this host has cgroup v2, which the driver prefers"
+    return CgroupV1(Path("/sys/fs/cgroup")).probe()
+
+
+def _swap_accounted() -> bool:
+    return Path("/sys/fs/cgroup/memory/memory.memsw.limit_in_bytes").exists()
 
 
 async def test_memory_limit_is_enforced(driver: ProcessDriver) -> None:
@@ -325,3 +345,113 @@ async def test_memory_limit_is_enforced(driver: ProcessDriver) -> None:
     assert result.signal == signal.SIGKILL
     assert result.reason.startswith("oom-killed")
     assert "survived" not in driver.log_paths("hog")[0].read_text()
+
+
+# -- cgroup v1 on the real kernel (legacy and hybrid hosts) ------------------------------------
+
+
+@pytest.fixture
+def v1_driver(driver: ProcessDriver) -> ProcessDriver:
+    ok, why = _real_cgroups_v1()
+    if not ok:
+        pytest.skip(f"cgroup v1 limits unavailable on this host: {why}")
+    assert isinstance(driver.cgroups, CgroupV1), driver.limits_status()
+    return driver
+
+
+async def test_v1_memory_limit_is_enforced(v1_driver: ProcessDriver) -> None:
+    script = "data = b'x' * (200 * 1024 * 1024); print('survived', len(data))"
+    handle = await v1_driver.start(spec("hog1", PY, "-c", script, memory=64 * 1024**2))
+    assert handle.limits.startswith("cgroup v1 memory.limit_in_bytes=67108864")
+    result = await asyncio.wait_for(v1_driver.wait(handle), 10)
+    assert result.signal == signal.SIGKILL
+    assert result.reason == "oom-killed (killed by signal 9 (SIGKILL))"
+    assert "survived" not in v1_driver.log_paths("hog1")[0].read_text()
+    assert not (Path("/sys/fs/cgroup/memory/pointsman") / "hog1").exists()
+
+
+async def test_v1_under_the_limit_is_not_oom(v1_driver: ProcessDriver) -> None:
+    # The counterpart: the same allocation with room for it exits normally, not "oom-killed".
+    script = "data = b'x' * (20 * 1024 * 1024); print('survived', len(data))"
+    handle = await v1_driver.start(spec("fits1", PY, "-c", script, memory=128 * 1024**2))
+    result = await asyncio.wait_for(v1_driver.wait(handle), 10)
+    assert result.reason == "exited 0"
+    assert "survived 20971520" in v1_driver.log_paths("fits1")[0].read_text()
+
+
+def _cpu_seconds(pid: int) -> float:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2 :].split()
+    utime, stime = int(fields[11]), int(fields[12])  # fields 14 and 15 of proc(5)
+    return (utime + stime) / os.sysconf("SC_CLK_TCK")
+
+
+async def test_v1_cpu_quota_is_enforced(v1_driver: ProcessDriver) -> None:
+    script = READY + "import time\nend = time.monotonic() + 4\nwhile time.monotonic() < end: pass"
+    handle = await v1_driver.start(spec("spin1", PY, "-c", script, cpu=0.2))
+    await wait_for_log(v1_driver.log_paths("spin1")[0], "ready")
+    pid = int(handle.ref.split(":")[0])
+    cpu_cgroup = Path("/sys/fs/cgroup/cpu/pointsman/spin1")
+    assert (cpu_cgroup / "cpu.cfs_quota_us").read_text().strip() == "20000"
+    assert (cpu_cgroup / "cpu.cfs_period_us").read_text().strip() == str(CPU_PERIOD)
+    throttled_before = _key_values(cpu_cgroup / "cpu.stat")["nr_throttled"]
+    wall0, cpu0 = time.monotonic(), _cpu_seconds(pid)
+    await asyncio.sleep(1.5)
+    wall1, cpu1 = time.monotonic(), _cpu_seconds(pid)
+    cores = (cpu1 - cpu0) / (wall1 - wall0)
+    print(f"cpu=0.2 spinner used {cores:.3f} cores over {wall1 - wall0:.2f} s")
+    # Unlimited, a busy loop uses a whole core; with the quota it gets about 0.2.
+    assert 0.05 < cores < 0.35
+    assert _key_values(cpu_cgroup / "cpu.stat")["nr_throttled"] > throttled_before
+    await v1_driver.stop(handle, grace=1)
+    assert not cpu_cgroup.exists()
+
+
+def _key_values(path: Path) -> dict[str, int]:
+    return {key: int(value) for key, value in (line.split() for line in path.read_text().splitlines())}
+
+
+async def test_v1_limits_membership_and_removal(v1_driver: ProcessDriver) -> None:
+    handle = await v1_driver.start(
+        spec("lim1", PY, "-c", READY + "import time; time.sleep(30)", cpu=0.25, memory=128 * 1024**2)
+    )
+    await wait_for_log(v1_driver.log_paths("lim1")[0], "ready")
+    memory_cgroup = Path("/sys/fs/cgroup/memory/pointsman/lim1")
+    cpu_cgroup = Path("/sys/fs/cgroup/cpu/pointsman/lim1")
+    swap = " memory.memsw.limit_in_bytes=134217728" if _swap_accounted() else ""
+    assert handle.limits == f"cgroup v1 memory.limit_in_bytes=134217728{swap} cpu.cfs_quota_us=25000/100000"
+    assert (memory_cgroup / "memory.limit_in_bytes").read_text().strip() == "134217728"
+    if swap:
+        assert (memory_cgroup / "memory.memsw.limit_in_bytes").read_text().strip() == "134217728"
+    assert (cpu_cgroup / "cpu.cfs_quota_us").read_text().strip() == "25000"
+    # The task itself (the wrapper's pid, kept by exec) is in both, and so is what it forks.
+    pid = handle.ref.split(":")[0]
+    assert (memory_cgroup / "cgroup.procs").read_text().split() == [pid]
+    assert (cpu_cgroup / "cgroup.procs").read_text().split() == [pid]
+    assert "memory:/pointsman/lim1" in Path(f"/proc/{pid}/cgroup").read_text()
+    # Adoption keeps the limits text; stopping (here by the restarted driver) removes both cgroups.
+    restarted = ProcessDriver(v1_driver.state_dir)
+    assert await restarted.running() == [handle]
+    await restarted.stop(handle, grace=1)
+    assert not memory_cgroup.exists()
+    assert not cpu_cgroup.exists()
+
+
+async def test_v1_cgroups_of_an_escaped_child_are_emptied_and_removed(v1_driver: ProcessDriver) -> None:
+    # A child that left the task's process group (setsid) is out of killpg's reach, not out of
+    # the cgroup's: the cgroup is emptied and removed when the task ends.
+    script = (
+        "import subprocess, sys, time\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(30)'], start_new_session=True)\n"
+        "print(child.pid, flush=True)\n"
+    )
+    handle = await v1_driver.start(spec("escape1", PY, "-c", script, memory=256 * 1024**2))
+    result = await asyncio.wait_for(v1_driver.wait(handle), 10)
+    assert result.code == 0
+    grandchild = int(v1_driver.log_paths("escape1")[0].read_text().strip())
+    deadline = time.monotonic() + 3
+    while proc_starttime(grandchild) is not None and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    assert proc_starttime(grandchild) is None
+    assert not Path("/sys/fs/cgroup/memory/pointsman/escape1").exists()
+    assert not Path("/sys/fs/cgroup/cpu/pointsman/escape1").exists()
