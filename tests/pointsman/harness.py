@@ -156,7 +156,14 @@ async def pointsman(*args: str) -> AsyncIterator[PointsmanProcess]:
         yield running
     finally:
         if proc.returncode is None:
-            proc.kill()
+            # SIGTERM first: a pointsman that runs jobs stops their tasks on the way out (a
+            # SIGKILL would leave them running, to be adopted by the next start).
+            proc.terminate()
+            try:
+                async with asyncio.timeout(15):
+                    await proc.wait()
+            except TimeoutError:
+                proc.kill()
         await proc.wait()
         await reader
 
