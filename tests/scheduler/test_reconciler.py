@@ -294,9 +294,7 @@ async def test_restart_of_pointsman_adopts_running_tasks_and_stops_orphans(tmp_p
         # An orphan: a task of ours that no allocation record wants.
         from scheduler.driver import TaskSpec
 
-        orphan = await p.driver.start(
-            TaskSpec("web-9-orphan", "web", ("sleep", "30"), {}, {}, 0.0, 0)
-        )
+        orphan = await p.driver.start(TaskSpec("web-9-orphan", "web", ("sleep", "30"), {}, {}, 0.0, 0))
         r2 = await p.reconciler(None, [job()])
         await until(lambda: len(running(r2)) == 2, "adopted")
         after = {a.id: pid_of(a) for a in running(r2)}
