@@ -8,6 +8,7 @@ router still drains them.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
@@ -15,10 +16,12 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from discovery.dns import DnsServer
 from pointsman.supervisor import Component
 from scheduler.api import scheduler_routes
-from scheduler.driver import Driver
+from scheduler.driver import Driver, DriverError
 from scheduler.drivers.process import ProcessDriver
+from scheduler.netns import NetworkNamespaces
 from scheduler.reconciler import Reconciler
 
 if TYPE_CHECKING:
@@ -41,6 +44,9 @@ class SchedulerComponent(Component):
     def __init__(self, discovery: DiscoveryComponent) -> None:
         self.discovery = discovery
         self.reconciler: Reconciler | None = None
+        self.network: NetworkNamespaces | None = None
+        self.bridge_dns: DnsServer | None = None
+        self._network_lock = asyncio.Lock()
         self._collector = SchedulerCollector(self)
 
     def _get(self) -> Reconciler:
@@ -52,7 +58,9 @@ class SchedulerComponent(Component):
         store, registry = self.discovery.store, self.discovery.registry
         assert store is not None and registry is not None, "discovery starts before the scheduler"
         state_dir = self.discovery.state_dir
-        drivers: dict[str, Driver] = {"process": ProcessDriver(state_dir / "process")}
+        process = ProcessDriver(state_dir / "process")
+        self.network = process.network
+        drivers: dict[str, Driver] = {"process": process}
         try:
             from scheduler.drivers.docker import DockerDriver
         except ImportError as exc:  # the docker SDK is a dependency; say so rather than fail
@@ -60,7 +68,7 @@ class SchedulerComponent(Component):
         else:
             drivers["docker"] = DockerDriver(state_dir / "docker")
         algorithm = config.scheduler.algorithm if config.scheduler is not None else "binpack"
-        reconciler = Reconciler(store, registry, drivers, algorithm=algorithm)
+        reconciler = Reconciler(store, registry, drivers, algorithm=algorithm, prepare_network=self._prepare_network)
         await reconciler.start(config.nodes, config.jobs)
         self.reconciler = reconciler
 
@@ -69,15 +77,45 @@ class SchedulerComponent(Component):
         reconciler.algorithm = config.scheduler.algorithm if config.scheduler is not None else "binpack"
         await reconciler.set_declared(config.nodes, config.jobs)
 
+    async def _prepare_network(self, driver: str) -> str | None:
+        """On first use: the bridge for namespaced instances and, when discovery serves DNS, a
+        second DNS server on the bridge's gateway port 53 (resolv.conf cannot name a port), for
+        the namespaces and containers (docker0 reaches the host's addresses). Returns its address."""
+        network = self.network
+        assert network is not None
+        async with self._network_lock:
+            if self.bridge_dns is not None:
+                return str(network.gateway)
+            ok, why = network.available()
+            if not ok:
+                raise DriverError(why)
+            await network.ensure_bridge()
+            dns = self.discovery.dns
+            if dns is None:
+                log.warning("instances on %s have no internal DNS: the config has no discovery.dns", network.bridge)
+                return None
+            allow = [*dns.config.allow, str(network.subnet), "172.16.0.0/12"]  # docker0 is in 172.16/12
+            config = dns.config.model_copy(update={"listen": (str(network.gateway), 53), "allow": allow})
+            server = DnsServer(config, self.discovery.catalog)
+            try:
+                await server.start()
+            except OSError as exc:
+                raise DriverError(f"cannot serve DNS on {network.gateway}:53 for {driver} instances: {exc}") from None
+            self.bridge_dns = server
+            log.info("dns for instances on %s: %s:53", network.bridge, network.gateway)
+            return str(network.gateway)
+
     async def stop(self, deadline: float) -> None:
         reconciler, self.reconciler = self.reconciler, None
-        if reconciler is None:
-            return
-        await reconciler.close()
-        for driver in reconciler.drivers.values():
-            close = getattr(driver, "close", None)
-            if close is not None:
-                close()
+        if reconciler is not None:
+            await reconciler.close()
+            for driver in reconciler.drivers.values():
+                close = getattr(driver, "close", None)
+                if close is not None:
+                    close()
+        if self.bridge_dns is not None:
+            await self.bridge_dns.stop()
+            self.bridge_dns = None
 
     def endpoints(self) -> list[str]:
         if self.reconciler is None:

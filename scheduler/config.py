@@ -108,7 +108,11 @@ class NodeConfig(Strict):
         default="auto", description="auto = this machine's CPUs and memory"
     )
     attributes: dict[str, str] = Field(default_factory=dict)
-    drivers: list[DriverName] = Field(default_factory=lambda: list[DriverName](["process"]), min_length=1)
+    drivers: list[DriverName] = Field(
+        default_factory=lambda: list[DriverName](["process", "docker"]),
+        min_length=1,
+        description="drivers the node offers; `pointsman up` also drops those not available here (no engine)",
+    )
     reserved_ports: list[Annotated[int, Field(ge=1, le=65535)]] = Field(default_factory=list)
     status: Literal["ready", "draining", "down"] = "ready"
     driver_host: Name | None = Field(default=None, description="the node whose drivers run this node's tasks")
@@ -219,6 +223,11 @@ class JobConfig(Strict):
     spread: SpreadConfig | None = None
     restart: RestartConfig = RestartConfig()
     update: UpdateConfig = UpdateConfig()
+    network: Literal["host", "namespace"] = Field(
+        default="host",
+        description="process driver: host = the host's network; namespace = an address of its own on "
+        "bridge pm0 and the internal DNS as its resolver (needs root and iproute2)",
+    )
     shutdown_delay: Duration = Field(
         default=0.5, description="between deregistering an instance and stopping it, so the router drains it"
     )
@@ -294,6 +303,8 @@ def _check_job(job: JobConfig, i: int, job_names: Sequence[str]) -> Iterator[tup
     base: Path_ = ("jobs", i)
     if job.driver == "docker" and job.docker is None:
         yield (*base, "docker"), "the docker driver needs docker: {image: ...}"
+    if job.driver == "docker" and job.network != "host":
+        yield (*base, "network"), "network: namespace is for the process driver (containers have their own)"
     if job.driver == "process" and not job.command:
         yield (*base, "command"), "the process driver needs a command"
     if job.health is not None and job.health.port not in job.ports:

@@ -41,7 +41,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -200,6 +200,7 @@ class Reconciler:
         algorithm: Literal["binpack", "spread"] = "binpack",
         interval: float = 1.0,
         port_range: tuple[int, int] = PORT_RANGE,
+        prepare_network: Callable[[str], Awaitable[str | None]] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.store = store
@@ -208,6 +209,9 @@ class Reconciler:
         self.algorithm = algorithm
         self.interval = interval
         self.port_range = port_range
+        # Called before a task that needs it starts (a namespaced process, a container): makes
+        # the bridge and a DNS server its instances can reach; returns that DNS address.
+        self.prepare_network = prepare_network
         self.clock = clock
         self.jobs: dict[str, JobEntry] = {}
         self.node_configs: list[NodeConfig] = effective_nodes(None)
@@ -539,7 +543,8 @@ class Reconciler:
             elif handle is None:
                 alloc.status = "starting"
                 try:
-                    handle = await driver.start(self._task_spec(alloc, config))
+                    dns = await self._network_for(config)
+                    handle = await driver.start(self._task_spec(alloc, config, dns))
                     reason = ""
                 except DriverError as exc:
                     reason = f"start failed: {exc}"
@@ -628,7 +633,19 @@ class Reconciler:
         reason = f"{alloc.kick_reason} ({task_exit.reason})"
         return TaskExit(task_exit.alloc_id, task_exit.code, task_exit.signal, task_exit.at, reason)
 
-    def _task_spec(self, alloc: Alloc, config: JobConfig) -> TaskSpec:
+    async def _network_for(self, config: JobConfig) -> str | None:
+        """The internal DNS address a namespaced process or a container resolves with."""
+        if self.prepare_network is None or (config.driver == "process" and config.network == "host"):
+            return None
+        try:
+            return await self.prepare_network(config.driver)
+        except DriverError:
+            if config.driver == "process":
+                raise  # a namespace was asked for and cannot be made
+            log.warning("containers of %s will not resolve internal names", config.name, exc_info=True)
+            return None
+
+    def _task_spec(self, alloc: Alloc, config: JobConfig, dns: str | None = None) -> TaskSpec:
         env = {name: self._upstreams(value) for name, value in config.env.items()}
         labels = {"pointsman.job": alloc.job, "pointsman.version": alloc.version, "pointsman.node": alloc.node}
         if config.driver == "docker" and config.docker is not None:
@@ -653,6 +670,8 @@ class Reconciler:
             cpu=alloc.cpu,
             memory=alloc.memory,
             labels=labels,
+            network=config.network,
+            dns=dns,
         )
 
     def _upstreams(self, text: str) -> str:

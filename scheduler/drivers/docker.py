@@ -111,10 +111,9 @@ def _exit_from_state(alloc_id: str, state: dict[str, Any], stopped: bool = False
 class DockerDriver(Driver):
     """Containers through the local Docker engine (`docker.from_env()`: DOCKER_HOST or the socket).
 
-    `state_dir` holds the logs and exit records of ended tasks. `dns`, when set, is given to
-    every container as its resolvers (meant for pointsman's internal DNS address).
-    TODO: wire `dns` to the internal DNS server's address once its config says where it listens
-    in a way containers can reach (not 127.0.0.1, the container's own loopback).
+    `state_dir` holds the logs and exit records of ended tasks. A container's resolver is
+    `TaskSpec.dns` (the scheduler passes the internal DNS server on the pm0 bridge's gateway,
+    an address containers reach, unlike 127.0.0.1, which is their own loopback), else `dns`.
     """
 
     name = "docker"
@@ -264,7 +263,9 @@ class DockerDriver(Driver):
             kwargs["memswap_limit"] = spec.memory
         if spec.cpu:
             kwargs["nano_cpus"] = int(spec.cpu * 1e9)
-        if self.dns:
+        if spec.dns:
+            kwargs["dns"] = [spec.dns]
+        elif self.dns:
             kwargs["dns"] = list(self.dns)
         return kwargs
 

@@ -256,3 +256,50 @@ async def test_restart_of_pointsman_adopts_and_a_clean_stop_resumes(tmp_path: Pa
         assert resumed == {alloc: port for alloc, (_, port) in first.items()}
         proc.send_signal(signal.SIGTERM)
         assert await proc.wait_exit() == 0
+
+
+def _netns_unavailable() -> str | None:
+    if os.geteuid() != 0:
+        return "network namespaces need root"
+    if shutil.which("ip") is None and shutil.which("ip", path="/usr/sbin:/sbin") is None:
+        return "network namespaces need the ip command (iproute2)"
+    return None
+
+
+@pytest.mark.skipif(_netns_unavailable() is not None, reason=_netns_unavailable() or "")
+async def test_namespaced_instances_have_their_own_address_and_resolve_internal_names(tmp_path: Path) -> None:
+    config = tmp_path / "pointsman.yaml"
+    data = _config(tmp_path / "state", count=1, network="namespace")
+    lookup = "import socket; print(socket.getaddrinfo('web.svc.internal', 80)[0][4][0], flush=True)"
+    data["jobs"].append(
+        {
+            "name": "client",
+            "command": [sys.executable, "-c", lookup + "; import time; time.sleep(60)"],
+            "network": "namespace",
+            "resources": {"cpu": 0.1, "memory": "32Mi"},
+            # The lookup needs web registered and passing: fail, back off, try again until then.
+            "restart": {"attempts": 20, "delay": "0.2s", "max_delay": "0.5s"},
+        }
+    )
+    write_config(config, data)
+    async with pointsman(*up_args(config)) as proc, aiohttp.ClientSession() as http:
+
+        async def web_healthy() -> bool:
+            return any(j["name"] == "web" and j["healthy"] == 1 for j in (await _json(http, proc.url("/jobs")))["jobs"])
+
+        await eventually(web_healthy, 20, "web healthy in its namespace")
+        (web,) = [a for a in await _allocs(http, proc.admin) if a["job"] == "web"]
+        assert web["address"].startswith("10.213."), web
+        # The router reaches it at its own address.
+        async with http.get(proc.listener_url("public", "/"), timeout=CLIENT_TIMEOUT) as resp:
+            assert resp.status == 200
+        # An unmodified program's getaddrinfo() in another namespace finds it through the internal DNS.
+
+        async def client_printed() -> bool:
+            clients = [a for a in await _allocs(http, proc.admin) if a["job"] == "client"]
+            if not clients:
+                return False
+            async with http.get(proc.url(f"/allocations/{clients[0]['id']}/logs")) as resp:
+                return web["address"] in await resp.text()
+
+        await eventually(client_printed, 20, "the client resolved web.svc.internal")

@@ -14,9 +14,14 @@ import shutil
 import subprocess
 import tarfile
 import time
+import uuid
 from pathlib import Path
 
 IMAGE = "pointsman-test:busybox"
+# Every container a test run creates carries `pointsman.test=<RUN_ID>`, for its cleanup.
+RUN_ID = uuid.uuid4().hex[:8]
+TEST_LABEL = "pointsman.test"
+USR = {"/usr": "/usr:ro"}  # the host's Python, read-only
 
 # Applets the tests use (and a few for poking around with `docker exec`).
 _APPLETS = ("sh", "ls", "cat", "echo", "sleep", "env", "ps", "kill", "wget", "true", "false", "id")

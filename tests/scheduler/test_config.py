@@ -76,7 +76,7 @@ def test_issue_example_parses_and_converts() -> None:
     assert local.capacity == auto_capacity()
     assert edge.capacity == Resources(2.0, 2 * 1024**3)
     assert edge.attributes == {"premise": "cloud", "zone": "b"}
-    assert edge.drivers == frozenset({"process"})
+    assert edge.drivers == frozenset({"process", "docker"})  # the default: every driver, filtered by what runs here
     assert s.nodes[1].driver_host == "local"
     web = s.jobs[1]
     assert web.health is not None and web.health.interval == 1.0 and web.health.grace == 5.0
