@@ -511,6 +511,7 @@ class Reconciler:
         alloc.desired = "stop"
         alloc.message = reason
         alloc.kick_reason = reason
+        log.info("%s: stopping: %s", alloc.id, reason)
         await self._persist(alloc)
         alloc.kick.set()
 

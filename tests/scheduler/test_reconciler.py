@@ -184,6 +184,7 @@ async def test_an_instance_failing_its_health_check_is_restarted(tmp_path: Path)
         r = await p.reconciler(None, [sick])
         await until(lambda: bool(running(r)), "started")
         alloc = running(r)[0]
+        await until(lambda: "web" in p.registry.snapshot.services, "registered")
         assert p.passing() == []  # registered, but a 404 never passes: no traffic for it
         assert [i.health for i in p.registry.snapshot.services["web"]] == ["critical"]
         await until(lambda: alloc.restarts >= 1, "restarted for failing health", 5)
