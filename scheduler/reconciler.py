@@ -661,6 +661,7 @@ class Reconciler:
                 image=config.docker.image,
                 volumes=dict(config.docker.volumes),
                 labels=labels,
+                dns=dns,
             )
         return TaskSpec(
             alloc_id=alloc.id,

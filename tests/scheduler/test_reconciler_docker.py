@@ -3,11 +3,18 @@ registered when it passes its check, killed from outside and restarted in place.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
+import pytest
+
+from discovery.config import DnsConfig
+from discovery.dns import DnsServer
+from discovery.registry import Registration
 from scheduler.config import JobConfig
 from scheduler.drivers.docker import DockerDriver
+from scheduler.netns import NetworkNamespaces
 from scheduler.reconciler import Reconciler
 
 from .docker_image import USR
@@ -56,4 +63,57 @@ async def test_a_killed_container_is_restarted_and_reregistered(
         await r.close()
         await docker.cleanup(set())
         docker.close()
+        await p.close()
+
+
+async def test_containers_resolve_internal_names_through_the_bridge_dns(
+    docker_image: str, cleanup_containers: Any, tmp_path: Path
+) -> None:
+    """What `pointsman up` does on first use (pointsman/scheduler_component.py): a bridge, the
+    internal DNS on its gateway, and that address as every container's resolver."""
+    if os.geteuid() != 0 or NetworkNamespaces.ip_command() is None:
+        pytest.skip("a bridge needs root and iproute2")
+    p = Platform(tmp_path)
+    await p.start()
+    tag = f"{os.getpid() % 10000:x}"
+    network = NetworkNamespaces(tmp_path / "netns", bridge=f"pmd{tag}", subnet="10.216.0.0/16", prefix=f"d{tag}")
+    await network.ensure_bridge()
+    gateway = str(network.gateway)
+    dns = DnsServer(
+        DnsConfig.model_validate({"listen": f"{gateway}:53", "upstreams": [], "allow": ["172.16.0.0/12"]}),
+        p.registry.catalog,
+    )
+    await dns.start()
+    docker = DockerDriver(tmp_path / "docker")
+
+    async def prepare(driver: str) -> str:
+        return gateway
+
+    r = Reconciler(p.store, p.registry, {"docker": docker}, interval=0.1, port_range=PORTS, prepare_network=prepare)
+    try:
+        await p.registry.register(
+            Registration(id="db-1", service="db", address="10.1.2.3", ports={"pg": 5432}, source="config")
+        )
+        lookup = "import socket; print(socket.getaddrinfo('db.svc.internal', 5432)[0][4][0], flush=True)"
+        job = JobConfig.model_validate(
+            {
+                "name": "asker",
+                "driver": "docker",
+                "docker": {"image": docker_image, "command": ["python3", "-c", lookup], "volumes": USR},
+                "resources": {"cpu": 0.5, "memory": "64Mi"},
+                "restart": {"attempts": 0},
+            }
+        )
+        await r.start(None, [job])
+        await until(lambda: bool(r.history), "the lookup ran", 30)
+        (ended,) = r.history
+        stdout, stderr = r.log_paths(ended) or (None, None)
+        assert stdout is not None and stderr is not None
+        assert stdout.read_text().strip() == "10.1.2.3", stderr.read_text()
+    finally:
+        await r.close()
+        await docker.cleanup(set())
+        docker.close()
+        await dns.stop()
+        await network.remove_bridge()
         await p.close()
