@@ -5,8 +5,8 @@ hands back a `TaskHandle` that is plain data: it can be written down and, after 
 pointsman, matched again against what `running()` reports (adoption). Every way a task ends is
 a `TaskExit`, whether it exited by itself, was stopped, or was killed by the kernel.
 
-Drivers: `scheduler/drivers/process.py` (host processes, cgroup v2 limits where writable) and
-`scheduler/drivers/docker.py` (containers).
+Drivers: `scheduler/drivers/process.py` (host processes, cgroup v2 or v1 limits where writable,
+optionally a network namespace each) and `scheduler/drivers/docker.py` (containers).
 
 Commands and environment values may refer to `${PORT_<NAME>}`, `${HOST}`, `${POINTSMAN_ALLOC_ID}`
 and to the spec's own env (`${VAR}`); `task_variables()` builds that table and `expand()` applies
