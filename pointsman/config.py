@@ -107,6 +107,14 @@ def parse_config(data: Any, source: str = "<config>") -> Config:
     problems.extend(
         ConfigProblem(format_path(path), reason) for path, reason in check_declarations(config.nodes, config.jobs)
     )
+    for i, job in enumerate(config.jobs):
+        for k, upstream in enumerate(job.upstreams):
+            for m, name in enumerate(upstream.policies):
+                if name not in seen:
+                    known = ", ".join(names) or "none"
+                    problems.append(
+                        ConfigProblem(f"jobs[{i}].upstreams[{k}].policies[{m}]", f"unknown policy {name!r} ({known})")
+                    )
     if problems:
         raise ConfigError(source, problems)
     return config

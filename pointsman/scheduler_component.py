@@ -10,19 +10,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from discovery.dns import DnsServer
-from pointsman.supervisor import Component
+from pointsman.supervisor import Component, RouterComponent
+from router.config import ClusterConfig, ListenerConfig
 from scheduler.api import scheduler_routes
 from scheduler.driver import Driver, DriverError
 from scheduler.drivers.process import ProcessDriver
 from scheduler.netns import NetworkNamespaces
-from scheduler.reconciler import Reconciler
+from scheduler.reconciler import Reconciler, Sidecar
 
 if TYPE_CHECKING:
     from aiohttp import web
@@ -41,8 +43,12 @@ class SchedulerComponent(Component):
     name = "scheduler"
     config_section = "jobs"
 
-    def __init__(self, discovery: DiscoveryComponent) -> None:
+    def __init__(
+        self, discovery: DiscoveryComponent, router: RouterComponent | None = None, config_path: Path | None = None
+    ) -> None:
         self.discovery = discovery
+        self.router = router
+        self.config_path = config_path
         self.reconciler: Reconciler | None = None
         self.network: NetworkNamespaces | None = None
         self.bridge_dns: DnsServer | None = None
@@ -68,7 +74,18 @@ class SchedulerComponent(Component):
         else:
             drivers["docker"] = DockerDriver(state_dir / "docker")
         algorithm = config.scheduler.algorithm if config.scheduler is not None else "binpack"
-        reconciler = Reconciler(store, registry, drivers, algorithm=algorithm, prepare_network=self._prepare_network)
+        variables = {"STATE_DIR": str(state_dir.resolve())}
+        if self.config_path is not None:
+            variables["CONFIG_DIR"] = str(self.config_path.resolve().parent)
+        reconciler = Reconciler(
+            store,
+            registry,
+            drivers,
+            algorithm=algorithm,
+            prepare_network=self._prepare_network,
+            sidecars_changed=self._sidecars_changed if self.router is not None else None,
+            variables=variables,
+        )
         await reconciler.start(config.nodes, config.jobs)
         self.reconciler = reconciler
 
@@ -104,6 +121,29 @@ class SchedulerComponent(Component):
             self.bridge_dns = server
             log.info("dns for instances on %s: %s:53", network.bridge, network.gateway)
             return str(network.gateway)
+
+    async def _sidecars_changed(self, sidecars: Sequence[Sidecar]) -> None:
+        """Every allocation's local listeners, as router listeners and clusters."""
+        assert self.router is not None
+        clusters: dict[str, ClusterConfig] = {}
+        listeners: list[ListenerConfig] = []
+        for car in sidecars:
+            cluster = f"upstream.{car.service}.{car.port}"
+            clusters.setdefault(cluster, ClusterConfig.model_validate({"service": car.service, "port": car.port}))
+            listener: dict[str, Any] = {
+                "name": f"sidecar.{car.alloc_id}.{car.service}",
+                "listen": f"127.0.0.1:{car.local_port}",
+                "protocol": car.protocol,
+            }
+            if car.protocol == "http":
+                listener["routes"] = [{"match": {"path_prefix": "/"}, "to": cluster, "retries": {}}]
+            else:
+                listener["to"] = cluster
+            if car.protocol == "postgres":
+                listener["app"] = car.job
+                listener["policies"] = list(car.policies)
+            listeners.append(ListenerConfig.model_validate(listener))
+        await self.router.set_generated(clusters, listeners)
 
     async def stop(self, deadline: float) -> None:
         reconciler, self.reconciler = self.reconciler, None

@@ -32,7 +32,7 @@ from discovery.model import Catalog
 from pointsman.config import Config, load_file
 from pointsman.errors import ConfigError, ConfigProblem
 from pointsman.metrics import build_registry
-from router.config import format_address
+from router.config import ClusterConfig, ListenerConfig, format_address
 from router.listeners import Router
 from router.metrics import RouterStats
 
@@ -91,9 +91,37 @@ class RouterComponent(Component):
     def __init__(self, stats: RouterStats, catalog: Catalog | None = None) -> None:
         self.router = Router(stats, catalog=catalog)
         self._sampler: asyncio.Task[None] | None = None
+        self._config: Config | None = None
+        # Listeners and clusters made by other components (the scheduler's sidecars), applied
+        # together with the config's.
+        self._generated: tuple[dict[str, ClusterConfig], list[ListenerConfig]] = ({}, [])
+        # One apply at a time, each reading the latest config and generated set: a sidecar
+        # change racing a reload must not re-apply the config the reload replaced.
+        self._apply_lock = asyncio.Lock()
+
+    async def _apply(self, config: Config) -> None:
+        async with self._apply_lock:
+            await self._apply_locked(config)
+
+    async def _apply_locked(self, config: Config) -> None:
+        clusters, listeners = self._generated
+        await self.router.apply({**config.clusters, **clusters}, [*config.listeners, *listeners], config.policies)
+        self._config = config
+
+    async def set_generated(self, clusters: dict[str, ClusterConfig], listeners: list[ListenerConfig]) -> None:
+        """Replace the generated listeners and clusters (bound before this returns)."""
+        async with self._apply_lock:
+            previous, self._generated = self._generated, (clusters, listeners)
+            if self._config is None:
+                return
+            try:
+                await self._apply_locked(self._config)
+            except BaseException:
+                self._generated = previous
+                raise
 
     async def start(self, config: Config) -> None:
-        await self.router.apply(config.clusters, config.listeners, config.policies)
+        await self._apply(config)
         self._sampler = asyncio.get_running_loop().create_task(self._sample(), name="sql-stats-sampler")
 
     async def _sample(self) -> None:
@@ -105,7 +133,7 @@ class RouterComponent(Component):
     async def reload(self, config: Config) -> None:
         # Router.apply binds new sockets before it changes anything, so an OSError (port
         # taken) leaves the running listeners and clusters as they were.
-        await self.router.apply(config.clusters, config.listeners, config.policies)
+        await self._apply(config)
 
     async def stop(self, deadline: float) -> None:
         if self._sampler is not None:
@@ -205,6 +233,8 @@ class Supervisor:
         # only (not to the reload a SIGHUP or the API already did).
         self._file_signature = file_signature(self.config_path)
         self._signals: list[signal.Signals] = []
+        # The last reload attempted (source, wall-clock time, result): GET /status shows it.
+        self.last_reload: tuple[str, float, ReloadResult] | None = None
 
     @property
     def ready(self) -> bool:
@@ -354,6 +384,12 @@ class Supervisor:
 
     async def reload(self, source: str) -> ReloadResult:
         """Load the config file again and apply it if it is valid and different."""
+        result = await self._reload(source)
+        if result.status in ("reloaded", "unchanged", "refused"):  # not one ignored while starting/stopping
+            self.last_reload = (source, time.time(), result)
+        return result
+
+    async def _reload(self, source: str) -> ReloadResult:
         async with self._reload_lock:
             if self.state is not State.READY:
                 status = "starting" if self.state in (State.CREATED, State.STARTING) else "stopping"
@@ -476,7 +512,8 @@ def build_supervisor(
     if scheduler and discovery_component is not None:
         from pointsman.scheduler_component import SchedulerComponent
 
-        components.append(SchedulerComponent(discovery_component))
+        router_component = next((c for c in components if isinstance(c, RouterComponent)), None)
+        components.append(SchedulerComponent(discovery_component, router_component, Path(config_path)))
     return Supervisor(
         config,
         config_path,

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -207,6 +207,37 @@ class UpdateConfig(Strict):
     healthy_for: Duration = 3.0
 
 
+class UpstreamConfig(Strict):
+    """A sidecar: a local listener per instance, carrying the instance's identity, that forwards
+    to `service` (a job or a registry service) through the router."""
+
+    service: Annotated[str, Field(pattern=_JOB_NAME_PATTERN, max_length=40)]
+    port: str | None = Field(
+        default=None, description="the service's named port (default: the first port of the job of that name)"
+    )
+    protocol: Literal["tcp", "http", "postgres"] = "tcp"
+    local_port: Literal["auto"] = Field(default="auto", description="allocated per instance like the job's ports")
+    env: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        description="the variable pointing the app at it (default: <SERVICE>_ADDR=127.0.0.1:PORT, "
+        "or <SERVICE>_URL=http://127.0.0.1:PORT for http)",
+    )
+    policies: list[str] = Field(default_factory=list, description="postgres: policies[] rules to apply")
+
+    @property
+    def port_name(self) -> str:
+        """The allocation's port for the local listener (`${PORT_UP_DB}`)."""
+        return f"up-{self.service}"
+
+    @property
+    def variable(self) -> str:
+        if self.env is not None:
+            return self.env
+        base = self.service.upper().replace("-", "_")
+        return f"{base}_URL" if self.protocol == "http" else f"{base}_ADDR"
+
+
 class JobConfig(Strict):
     name: JobName
     version: str = "1"
@@ -221,6 +252,9 @@ class JobConfig(Strict):
     constraints: list[ConstraintConfig] = Field(default_factory=list)
     affinity: list[AffinityConfig] = Field(default_factory=list)
     spread: SpreadConfig | None = None
+    upstreams: list[UpstreamConfig] = Field(
+        default_factory=list, description="sidecars: per instance, a local listener to each of these services"
+    )
     restart: RestartConfig = RestartConfig()
     update: UpdateConfig = UpdateConfig()
     network: Literal["host", "namespace"] = Field(
@@ -246,7 +280,7 @@ class JobConfig(Strict):
             driver=self.driver,
             count=self.count,
             resources=self.resources.to_resources(),
-            ports=tuple(self.ports),
+            ports=(*self.ports, *(u.port_name for u in self.upstreams)),
             constraints=tuple(c.to_constraint() for c in self.constraints),
             affinity=tuple(a.to_affinity() for a in self.affinity),
             spread=Spread(self.spread.attribute) if self.spread is not None else None,
@@ -270,7 +304,8 @@ Path_ = tuple[str | int, ...]
 _REFERENCE_RE = re.compile(r"\$(\$?)\{([^}]*)\}")
 _VAR_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _UPSTREAM_RE = re.compile(r"^upstream:(.*)$")
-_BUILTINS = ("HOST", "POINTSMAN_ALLOC_ID")
+# CONFIG_DIR (the config file's directory) and STATE_DIR are the reconciler's; the rest the driver's.
+_BUILTINS = ("HOST", "POINTSMAN_ALLOC_ID", "CONFIG_DIR", "STATE_DIR")
 
 
 def port_variable(port: str) -> str:
@@ -279,7 +314,7 @@ def port_variable(port: str) -> str:
 
 
 def _check_references(job: JobConfig, text: str) -> Iterator[str]:
-    ports = {port_variable(p): p for p in job.ports}
+    ports = {port_variable(p): p for p in (*job.ports, *(u.port_name for u in job.upstreams))}
     for match in _REFERENCE_RE.finditer(text):
         escaped, name = match.group(1), match.group(2)
         if escaped:
@@ -299,7 +334,8 @@ def _check_references(job: JobConfig, text: str) -> Iterator[str]:
             yield f"unknown variable ${{{name}}} (known: {known})"
 
 
-def _check_job(job: JobConfig, i: int, job_names: Sequence[str]) -> Iterator[tuple[Path_, str]]:
+def _check_job(job: JobConfig, i: int, jobs: Mapping[str, JobConfig]) -> Iterator[tuple[Path_, str]]:
+    job_names = list(jobs)
     base: Path_ = ("jobs", i)
     if job.driver == "docker" and job.docker is None:
         yield (*base, "docker"), "the docker driver needs docker: {image: ...}"
@@ -325,6 +361,21 @@ def _check_job(job: JobConfig, i: int, job_names: Sequence[str]) -> Iterator[tup
     for key, value in job.env.items():
         for reason in _check_references(job, value):
             yield (*base, "env", key), reason
+    seen_upstreams: set[str] = set()
+    for k, upstream in enumerate(job.upstreams):
+        if upstream.service in seen_upstreams:
+            yield (*base, "upstreams", k, "service"), f"upstream {upstream.service!r} is declared twice"
+        seen_upstreams.add(upstream.service)
+        target = jobs.get(upstream.service)
+        if upstream.port is None and (target is None or not target.ports):
+            why = "a job without ports" if target is not None else "not a job here"
+            yield (*base, "upstreams", k, "port"), f"required: {upstream.service!r} is {why}"
+        elif upstream.port is not None and target is not None and upstream.port not in target.ports:
+            declared = ", ".join(target.ports) or "none"
+            reason = f"job {upstream.service!r} has no port {upstream.port!r} (declared: {declared})"
+            yield (*base, "upstreams", k, "port"), reason
+        if upstream.policies and upstream.protocol != "postgres":
+            yield (*base, "upstreams", k, "policies"), "policies are for protocol: postgres"
     for k, affinity in enumerate(job.affinity):
         if affinity.near not in job_names:
             known = ", ".join(job_names)
@@ -351,7 +402,7 @@ def check_declarations(nodes: Sequence[NodeConfig] | None, jobs: Sequence[JobCon
         if job.name in job_seen:
             problems.append((("jobs", i, "name"), f"job name {job.name!r} is also used by jobs[{job_seen[job.name]}]"))
         job_seen.setdefault(job.name, i)
-    job_names = list(job_seen)
+    by_name = {job.name: job for job in jobs}
     for i, job in enumerate(jobs):
-        problems.extend(_check_job(job, i, job_names))
+        problems.extend(_check_job(job, i, by_name))
     return problems

@@ -66,6 +66,7 @@ HISTORY = 100
 
 Desired = Literal["run", "stop"]
 _UPSTREAM_RE = re.compile(r"\$(\$?)\{upstream:([^}]*)\}")
+_BUILTIN_RE = re.compile(r"\$(\$?)\{(CONFIG_DIR|STATE_DIR)\}")
 
 
 def placement_order(jobs: Sequence[Job], wanted: str | None = None) -> list[Job]:
@@ -174,6 +175,22 @@ class Alloc:
         return out
 
 
+@dataclass(frozen=True)
+class Sidecar:
+    """A local listener of one allocation (`upstreams:`): 127.0.0.1:`local_port` forwards to
+    `service`'s `port` through the router, and carries the instance's identity."""
+
+    alloc_id: str
+    job: str
+    version: str
+    node: str
+    service: str
+    port: str
+    protocol: str
+    local_port: int
+    policies: tuple[str, ...] = ()
+
+
 @dataclass
 class JobEntry:
     config: JobConfig
@@ -201,6 +218,8 @@ class Reconciler:
         interval: float = 1.0,
         port_range: tuple[int, int] = PORT_RANGE,
         prepare_network: Callable[[str], Awaitable[str | None]] | None = None,
+        sidecars_changed: Callable[[Sequence[Sidecar]], Awaitable[None]] | None = None,
+        variables: Mapping[str, str] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.store = store
@@ -212,6 +231,11 @@ class Reconciler:
         # Called before a task that needs it starts (a namespaced process, a container): makes
         # the bridge and a DNS server its instances can reach; returns that DNS address.
         self.prepare_network = prepare_network
+        # Called with every allocation's sidecars whenever they change (the router listens).
+        self.sidecars_changed = sidecars_changed
+        self.sidecars: dict[str, tuple[Sidecar, ...]] = {}
+        # ${CONFIG_DIR}, ${STATE_DIR}: resolved here, before the driver expands the rest.
+        self.variables = dict(variables or {})
         self.clock = clock
         self.jobs: dict[str, JobEntry] = {}
         self.node_configs: list[NodeConfig] = effective_nodes(None)
@@ -545,6 +569,7 @@ class Reconciler:
                 alloc.status = "starting"
                 try:
                     dns = await self._network_for(config)
+                    await self._set_sidecars(alloc, config)
                     handle = await driver.start(self._task_spec(alloc, config, dns))
                     reason = ""
                 except DriverError as exc:
@@ -606,6 +631,43 @@ class Reconciler:
     def _retire(self, alloc: Alloc) -> None:
         self.allocs.pop(alloc.id, None)
         self.history.append(alloc)
+        if self.sidecars.pop(alloc.id, None) and self.sidecars_changed is not None:
+            task = asyncio.get_running_loop().create_task(self._publish_sidecars(), name="sidecars")
+            task.add_done_callback(_log_failure)
+
+    async def _set_sidecars(self, alloc: Alloc, config: JobConfig) -> None:
+        """The allocation's local listeners, up before its task starts (the app connects at once)."""
+        wanted = tuple(
+            Sidecar(
+                alloc.id,
+                alloc.job,
+                alloc.version,
+                alloc.node,
+                u.service,
+                u.port or self._first_port(u.service),
+                u.protocol,
+                alloc.ports[u.port_name],
+                tuple(u.policies),
+            )
+            for u in config.upstreams
+        )
+        if self.sidecars.get(alloc.id, ()) == wanted:
+            return
+        self.sidecars[alloc.id] = wanted
+        try:
+            await self._publish_sidecars()
+        except Exception as exc:
+            raise DriverError(f"sidecars of {alloc.id}: {exc}") from exc
+
+    def _first_port(self, service: str) -> str:
+        entry = self.jobs.get(service)
+        if entry is None or not entry.config.ports:
+            raise DriverError(f"upstream {service}: no port given and no job {service} with ports")
+        return entry.config.ports[0]
+
+    async def _publish_sidecars(self) -> None:
+        if self.sidecars_changed is not None:
+            await self.sidecars_changed([s for group in self.sidecars.values() for s in group])
 
     def _backoff_index(self, alloc: Alloc, config: JobConfig) -> None:
         key = (alloc.job, alloc.index)
@@ -647,13 +709,17 @@ class Reconciler:
             return None
 
     def _task_spec(self, alloc: Alloc, config: JobConfig, dns: str | None = None) -> TaskSpec:
-        env = {name: self._upstreams(value) for name, value in config.env.items()}
+        local = {u.service: alloc.ports[u.port_name] for u in config.upstreams}
+        env = {name: self._resolve(value, local) for name, value in config.env.items()}
+        for u in config.upstreams:
+            address = f"127.0.0.1:{local[u.service]}"
+            env.setdefault(u.variable, f"http://{address}" if u.protocol == "http" else address)
         labels = {"pointsman.job": alloc.job, "pointsman.version": alloc.version, "pointsman.node": alloc.node}
         if config.driver == "docker" and config.docker is not None:
             return TaskSpec(
                 alloc_id=alloc.id,
                 job=alloc.job,
-                command=tuple(self._upstreams(part) for part in config.docker.command),
+                command=tuple(self._resolve(part, local) for part in config.docker.command),
                 env=env,
                 ports=alloc.ports,
                 cpu=alloc.cpu,
@@ -666,7 +732,7 @@ class Reconciler:
         return TaskSpec(
             alloc_id=alloc.id,
             job=alloc.job,
-            command=tuple(self._upstreams(part) for part in config.command),
+            command=tuple(self._resolve(part, local) for part in config.command),
             env=env,
             ports=alloc.ports,
             cpu=alloc.cpu,
@@ -676,13 +742,24 @@ class Reconciler:
             dns=dns,
         )
 
-    def _upstreams(self, text: str) -> str:
-        """`${upstream:db}` -> `ADDRESS:PORT` of a passing instance of db (its first port)."""
+    def _resolve(self, text: str, local: Mapping[str, int]) -> str:
+        """`${CONFIG_DIR}`, `${STATE_DIR}`, and `${upstream:db}`: the job's sidecar for db
+        (`127.0.0.1:PORT`) when it declares one, else `ADDRESS:PORT` of a passing instance of db
+        (its first port). The driver expands what is left (`${PORT_X}`, `${HOST}`, env)."""
+
+        def builtin(match: re.Match[str]) -> str:
+            if match.group(1):
+                return match.group(0)
+            return self.variables.get(match.group(2), match.group(0))
+
+        text = _BUILTIN_RE.sub(builtin, text)
 
         def substitute(match: re.Match[str]) -> str:
             if match.group(1):
                 return match.group(0)[1:]
             service = match.group(2)
+            if service in local:
+                return f"127.0.0.1:{local[service]}"
             instances = self.registry.snapshot.instances(service) if self.registry is not None else ()
             for instance in instances:
                 if instance.ports:
@@ -712,7 +789,7 @@ class Reconciler:
             id=alloc.id,
             service=alloc.job,
             address=alloc.address or "127.0.0.1",
-            ports=dict(alloc.ports),
+            ports={name: port for name, port in alloc.ports.items() if name in config.ports},  # not sidecars
             meta={"alloc": alloc.id, "index": str(alloc.index), "driver": config.driver},
             node=alloc.node,
             version=alloc.version,
@@ -770,3 +847,8 @@ class Reconciler:
         """The stdout and stderr files of the allocation's task (None if its driver is not here)."""
         driver = self.drivers.get(alloc.config.driver)
         return None if driver is None else driver.log_paths(alloc.id)
+
+
+def _log_failure(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("updating sidecars failed", exc_info=task.exception())

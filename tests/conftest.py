@@ -1,7 +1,12 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Mapping
+import os
+from collections.abc import Callable, Iterator, Mapping
+
+import pytest
+
+from tests.pgserver import PgServer, find_bin_dir
 
 try:
     import uvloop
@@ -14,3 +19,19 @@ def pytest_asyncio_loop_factories() -> Mapping[str, Callable[[], asyncio.Abstrac
     if uvloop is not None:
         return {"uvloop": uvloop.new_event_loop}
     return {"asyncio": asyncio.new_event_loop}
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[PgServer]:
+    """Started on first use (~1 s), stopped and deleted at the end of the session.
+
+    Without PostgreSQL's server binaries the tests that use it are skipped on a developer's
+    machine (`make test` installs them when it runs as root) but fail in CI, where a missing
+    package must not turn into a quietly green run."""
+    if find_bin_dir() is None:
+        message = "no PostgreSQL server binaries (apt-get install postgresql, or set PG_BIN)"
+        if os.environ.get("CI"):
+            pytest.fail(f"CI is set and {message}", pytrace=False)
+        pytest.skip(message)
+    with PgServer() as server:
+        yield server

@@ -191,7 +191,7 @@ def test_references_syntax() -> None:
     assert problems({"jobs": [data]}) == [
         "jobs[0].env.B: bad reference ${upstream:bad name}: expected ${upstream:NAME} with a job or service name",
         "jobs[0].env.C: bad reference ${1x}: expected ${NAME} or ${upstream:NAME}",
-        "jobs[0].env.D: unknown variable ${NOPE} (known: A, B, C, D, HOST, POINTSMAN_ALLOC_ID)",
+        "jobs[0].env.D: unknown variable ${NOPE} (known: A, B, C, CONFIG_DIR, D, HOST, POINTSMAN_ALLOC_ID, STATE_DIR)",
     ]
 
 

@@ -1,0 +1,149 @@
+"""Sidecars (`upstreams:`), end to end in a real `pointsman up`: an unmodified app is pointed
+at local listeners by env vars, and its SQL is counted and policed under its job's name.
+
+The client job talks to three upstreams through its own local ports: a TCP echo job, an HTTP
+job, and a real PostgreSQL (the session's throwaway server, registered as a static service).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from tests.pgserver import DATABASE, SUPERUSER, PgServer
+from tests.pointsman.harness import eventually, pointsman, up_args, write_config
+from tests.pointsman.test_scheduler_up import PORT_BASE, _allocs
+
+ECHO = """
+import asyncio, os
+async def echo(reader, writer):
+    writer.write(await reader.read(100)); await writer.drain(); writer.close()
+async def main():
+    server = await asyncio.start_server(echo, "127.0.0.1", int(os.environ["PORT_TCP"]))
+    await server.serve_forever()
+asyncio.run(main())
+"""
+
+CLIENT = """
+import os, socket, sys, time, urllib.request
+import psycopg
+print("env", os.environ["ECHO_ADDR"], os.environ["WEB_URL"], os.environ["PG_ADDR"], flush=True)
+host, port = os.environ["ECHO_ADDR"].split(":")
+with socket.create_connection((host, int(port)), timeout=5) as s:
+    s.sendall(b"ping"); print("echo:", s.recv(100).decode(), flush=True)
+print("web:", urllib.request.urlopen(os.environ["WEB_URL"], timeout=5).status, flush=True)
+host, port = os.environ["PG_ADDR"].split(":")
+with psycopg.connect(host=host, port=port, user=sys.argv[1], dbname=sys.argv[2], sslmode="disable",
+                     connect_timeout=5, autocommit=True) as conn:
+    print("pg:", conn.execute("SELECT 1").fetchone()[0], flush=True)
+    try:
+        conn.execute("DROP TABLE IF EXISTS nothing_here")
+    except psycopg.Error as exc:
+        print("drop:", exc.sqlstate, flush=True)
+time.sleep(600)
+"""
+
+
+def _config(state: Path, pg: PgServer, client_count: int = 1) -> dict[str, Any]:
+    limits = {"cpu": 0.1, "memory": "64Mi"}
+    return {
+        "admin": {"listen": "127.0.0.1:0"},
+        "discovery": {
+            "state_dir": str(state),
+            "services": [
+                {"name": "pg", "instances": [{"id": "pg-1", "address": "127.0.0.1", "ports": {"postgres": pg.port}}]}
+            ],
+        },
+        "nodes": [{"name": "local", "reserved_ports": list(range(20000, PORT_BASE))}],
+        "policies": [{"name": "no-drop", "match": {"verbs": ["DROP"]}, "action": "deny"}],
+        "jobs": [
+            {
+                "name": "echo",
+                "command": [sys.executable, "-c", ECHO],
+                "ports": ["tcp"],
+                "resources": limits,
+                "health": {"port": "tcp", "interval": "0.2s", "grace": "5s"},
+            },
+            {
+                "name": "web",
+                "command": [sys.executable, "-m", "http.server", "${PORT_HTTP}", "--bind", "${HOST}"],
+                "ports": ["http"],
+                "resources": limits,
+                "health": {"http": "/", "port": "http", "interval": "0.2s", "grace": "5s"},
+            },
+            {
+                "name": "client",
+                "command": [sys.executable, "-c", CLIENT, SUPERUSER, DATABASE],
+                "count": client_count,
+                "resources": limits,
+                "upstreams": [
+                    {"service": "echo", "protocol": "tcp"},
+                    {"service": "web", "protocol": "http"},
+                    {"service": "pg", "port": "postgres", "protocol": "postgres", "policies": ["no-drop"]},
+                ],
+                # Until echo and web pass their checks the router has no endpoint for them:
+                # the client fails and is restarted, as an app started early would be.
+                "restart": {"attempts": 30, "delay": "0.3s", "max_delay": "0.5s"},
+            },
+        ],
+    }
+
+
+async def test_sidecars_point_an_app_at_its_upstreams_with_its_identity(tmp_path: Path, pg_server: PgServer) -> None:
+    config = tmp_path / "pointsman.yaml"
+    data = _config(tmp_path / "state", pg_server)
+    write_config(config, data)
+    async with pointsman(*up_args(config)) as proc, aiohttp.ClientSession() as http:
+
+        async def client_log() -> str:
+            clients = [a for a in await _allocs(http, proc.admin) if a["job"] == "client"]
+            if not clients:
+                return ""
+            async with http.get(proc.url(f"/allocations/{clients[0]['id']}/logs?tail=0")) as resp:
+                return await resp.text()
+
+        async def done() -> bool:
+            return "drop:" in await client_log()
+
+        await eventually(done, 30, "the client went through its three upstreams")
+        (client,) = [a for a in await _allocs(http, proc.admin) if a["job"] == "client"]
+        ports = client["ports"]
+        log = await client_log()
+        assert f"env 127.0.0.1:{ports['up-echo']} http://127.0.0.1:{ports['up-web']} 127.0.0.1:{ports['up-pg']}" in log
+        assert "echo: ping" in log
+        assert "web: 200" in log
+        assert "pg: 1" in log
+        assert "drop: 42501" in log  # the policy, applied in the client's own sidecar
+
+        async with http.get(proc.url("/metrics")) as resp:
+            metrics = await resp.text()
+        # Identity from placement: the statements count under the job's name, not the user's.
+        assert 'app="client"' in metrics
+        assert any(
+            line.startswith("pointsman_sql_denied_total") and 'app="client"' in line and 'rule="no-drop"' in line
+            for line in metrics.splitlines()
+        ), metrics
+        # Sidecar ports are the client's own, not advertised in discovery.
+        async with http.get(proc.url("/v1/services/client")) as resp:
+            assert (await resp.json())["services"]["client"][0]["ports"] == {}
+
+        # Scaled to zero: its sidecars go with it.
+        data["jobs"][2]["count"] = 0
+        write_config(config, data)
+        async with http.post(proc.url("/reload")) as resp:
+            assert resp.status == 200, await resp.text()
+
+        async def sidecar_closed() -> bool:
+            try:
+                _, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", ports["up-echo"]), 1)
+            except OSError:
+                return True
+            writer.close()
+            await writer.wait_closed()
+            return False
+
+        await eventually(sidecar_closed, 10, "the sidecar listener closed")
