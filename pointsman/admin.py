@@ -4,6 +4,7 @@ GET  /metrics   Prometheus exposition of the process registry
 GET  /healthz   200 "ok" while the process runs (liveness)
 GET  /readyz    200 once every component started; 503 while starting or draining
 GET  /config    the effective config, its hash and the file it came from
+GET  /status    state, config hash, the last reload (source, time, result, errors), listener addresses
 GET  /clusters  (router) every cluster and endpoint with health and ejection state
 GET  /sql/stats (router) SQL statements per listener, app and verb: totals, rates, latency
 POST /reload    load the config file again: 200 reloaded/unchanged, 400 with the errors
@@ -15,12 +16,13 @@ after them, so probes get a truthful 503 during startup and during the drain.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
 from pointsman.metrics import exposition
-from pointsman.supervisor import Component
+from pointsman.supervisor import Component, RouterComponent
 from router.config import format_address
 
 if TYPE_CHECKING:
@@ -55,6 +57,7 @@ class AdminServer(Component):
                 web.get("/healthz", self.handle_healthz),
                 web.get("/readyz", self.handle_readyz),
                 web.get("/config", self.handle_config),
+                web.get("/status", self.handle_status),
                 web.post("/reload", self.handle_reload),
             ]
         )
@@ -119,6 +122,28 @@ class AdminServer(Component):
                 "config": supervisor.config.model_dump(mode="json"),
             }
         )
+
+    async def handle_status(self, request: web.Request) -> web.Response:
+        supervisor = self.supervisor
+        last: dict[str, Any] | None = None
+        if supervisor.last_reload is not None:
+            source, at, result = supervisor.last_reload
+            when = datetime.fromtimestamp(at, UTC).isoformat(timespec="seconds")
+            last = {"source": source, "at": when, **result.as_dict()}
+        router = supervisor.component("router")
+        listeners = (
+            {name: format_address(h.address) for name, h in router.router.listeners.items()}
+            if isinstance(router, RouterComponent)
+            else {}
+        )
+        body = {
+            "state": supervisor.state.value,
+            "file": str(supervisor.config_path),
+            "hash": supervisor.digest,
+            "last_reload": last,
+            "listeners": listeners,  # name -> the address it is bound to (listen may say port 0)
+        }
+        return web.json_response(body)
 
     async def handle_reload(self, request: web.Request) -> web.Response:
         result = await self.supervisor.reload("admin API")

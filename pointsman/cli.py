@@ -10,6 +10,8 @@
                                            ask a running instance to reload its config
     pointsman top [--admin HOST:PORT | --config FILE] [--interval S] [--once] [--no-color]
                                            live view of the SQL listeners (GET /sql/stats)
+    pointsman status [--admin HOST:PORT | --config FILE] [--json]
+                                           jobs, allocations, services, listeners, clusters, last reload
     pointsman logs ALLOC [--stderr] [--tail BYTES] [-f] [--admin HOST:PORT | --config FILE]
                                            what an allocation's task wrote
 
@@ -300,6 +302,24 @@ def cmd_top(args: argparse.Namespace) -> int:
     )
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    address = _admin_address(args)
+    if address is None:
+        return 1
+    from pointsman import status  # only this command needs it
+
+    try:
+        summary = status.summarize(status.fetch(_connectable(address)))
+    except AdminError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print(status.render(summary, admin=format_address(address)))
+    return 0
+
+
 def _get_logs(address: tuple[str, int], alloc: str, query: str) -> tuple[bytes, int]:
     url = f"http://{format_address(_connectable(address))}/allocations/{urllib.parse.quote(alloc)}/logs?{query}"
     try:
@@ -455,6 +475,23 @@ def build_parser() -> argparse.ArgumentParser:
     top.add_argument("--once", action="store_true", help="print one frame and exit (1 if the API is unreachable)")
     top.add_argument("--no-color", action="store_true", help="no ANSI colours (also off when $NO_COLOR is set)")
     top.set_defaults(func=cmd_top)
+
+    status = commands.add_parser(
+        "status",
+        help="a running instance at a glance: jobs, allocations, services, listeners, clusters, last reload",
+        description="What a running instance runs and how healthy it is, from its admin API. "
+        "Exit 1 if the admin API cannot be reached.",
+        parents=[common],
+    )
+    where = status.add_mutually_exclusive_group()
+    where.add_argument(
+        "--admin", type=_address, metavar="HOST:PORT", help="the instance's admin API (default: 127.0.0.1:9901)"
+    )
+    where.add_argument("--config", metavar="FILE", help="read the admin address from this file's admin.listen")
+    status.add_argument(
+        "--json", action="store_true", help="one JSON object {jobs, allocations, services, listeners, clusters, reload}"
+    )
+    status.set_defaults(func=cmd_status)
 
     logs = commands.add_parser(
         "logs",
