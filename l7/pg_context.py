@@ -91,6 +91,9 @@ class PgContext:
     engine: PolicyEngine | None = None
     rules: list[PolicyRule] = field(default_factory=list)  # what the engine was built from
     app: str | None = None  # the listener's fixed identity (sidecar use)
+    # Placement-derived identity: the app (job) of the instance that owns a client address, for
+    # instances with addresses of their own (network namespaces); None when none does.
+    identify: Callable[[str], str | None] | None = None
     tls: bool = False  # answer SSLRequest with S and terminate TLS
     clock: Callable[[], float] = field(default=lambda: 0.0)  # monotonic, for latencies
     wallclock: Callable[[], float] = field(default=lambda: 0.0)  # unix time, for windows

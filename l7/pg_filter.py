@@ -84,8 +84,10 @@ class PgSession:
         to_server: Callable[[bytes], object],
         to_client: Callable[[bytes], object],
         hooks: PgHooks,
+        peer: str = "",
     ) -> None:
         self._context = context
+        self.peer = peer  # the client's address, for placement-derived identity
         self.ctx = context()
         self.to_server = to_server
         self.to_client = to_client
@@ -218,7 +220,10 @@ class PgSession:
             params = ev.params
             self.user = params.get("user", "")
             self.database = params.get("database", self.user)
-            self.app = self.ctx.app or params.get("application_name") or self.user
+            # Identity: the listener's app (a sidecar's), the instance owning the client address
+            # (placement), the client's application_name, its user - most trusted first.
+            placed = self.ctx.identify(self.peer) if self.ctx.identify is not None and self.peer else None
+            self.app = self.ctx.app or placed or params.get("application_name") or self.user
             self.started = True
             self.ctx.metrics.sessions.inc((self.ctx.listener, self.app))
             self.ctx.metrics.active.inc((self.ctx.listener, self.app))

@@ -150,6 +150,28 @@ class Router:
         self.stats.clusters_source = self._all_clusters
         self._lock = asyncio.Lock()
         self._background: set[asyncio.Task[None]] = set()
+        # Client address -> the app (service) of the registered instance that owns it, for
+        # instances with an address of their own; loopback and shared addresses are left out.
+        self._owners: dict[str, str] = {}
+        if catalog is not None:
+            catalog.subscribe(self._index_owners)
+
+    def _index_owners(self, snapshot: Snapshot) -> None:
+        owners: dict[str, str] = {}
+        shared: set[str] = set()
+        for service, instances in snapshot.services.items():
+            for instance in instances:
+                address = instance.address
+                if address.startswith("127.") or address == "::1" or address in shared:
+                    continue
+                if owners.setdefault(address, service) != service:
+                    shared.add(address)
+                    del owners[address]
+        self._owners = owners
+
+    def owner_of(self, address: str) -> str | None:
+        """The app of the instance at a client address (placement-derived identity)."""
+        return self._owners.get(address)
 
     def _all_clusters(self) -> Iterator[Cluster]:
         return iter(list(self.clusters.values()))
@@ -281,6 +303,7 @@ class Router:
             engine=engine,
             rules=listed,
             app=config.app,
+            identify=self.owner_of if self.catalog is not None else None,
             tls=tls is not None,
             clock=time.monotonic,
             wallclock=time.time,

@@ -54,7 +54,8 @@ class PgProxyProtocol(TcpProxyProtocol):
 
     def _accepted(self, transport: asyncio.Transport, cluster: Cluster) -> None:
         # Read the first packet before connecting: it says where to connect (or not at all).
-        self.session = PgSession(self._context, self._to_server, self._to_client, self)
+        peer = transport.get_extra_info("peername")
+        self.session = PgSession(self._context, self._to_server, self._to_client, self, peer[0] if peer else "")
 
     # -- bytes ------------------------------------------------------------------------------------
 

@@ -8,15 +8,17 @@ job, and a real PostgreSQL (the session's throwaway server, registered as a stat
 from __future__ import annotations
 
 import asyncio
+import socket
 import sys
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 
 from tests.pgserver import DATABASE, SUPERUSER, PgServer
 from tests.pointsman.harness import eventually, pointsman, up_args, write_config
-from tests.pointsman.test_scheduler_up import PORT_BASE, _allocs
+from tests.pointsman.test_scheduler_up import PORT_BASE, _allocs, _netns_unavailable
 
 ECHO = """
 import asyncio, os
@@ -147,3 +149,53 @@ async def test_sidecars_point_an_app_at_its_upstreams_with_its_identity(tmp_path
             return False
 
         await eventually(sidecar_closed, 10, "the sidecar listener closed")
+
+
+REPORTER = """
+import sys, time
+import psycopg
+with psycopg.connect(host=sys.argv[1], port=sys.argv[2], user=sys.argv[3], dbname=sys.argv[4], sslmode="disable",
+                     application_name="not-me", connect_timeout=5, autocommit=True) as conn:
+    for _ in range(3):
+        conn.execute("SELECT 1")
+    print("done", flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.skipif(_netns_unavailable() is not None, reason=_netns_unavailable() or "")
+async def test_a_shared_listener_knows_a_namespaced_client_by_its_address(tmp_path: Path, pg_server: PgServer) -> None:
+    """No sidecar: the client has an address of its own, and the SQL listener maps it to the
+    instance (and so the job) that owns it - over whatever application_name the client claims."""
+    with socket.socket() as sock:
+        sock.bind(("0.0.0.0", 0))
+        port = sock.getsockname()[1]
+    config = tmp_path / "pointsman.yaml"
+    data = _config(tmp_path / "state", pg_server, client_count=0)
+    data["clusters"] = {"pg": {"endpoints": [f"127.0.0.1:{pg_server.port}"]}}
+    data["listeners"] = [{"name": "shared-sql", "listen": f"0.0.0.0:{port}", "protocol": "postgres", "to": "pg"}]
+    data["jobs"].append(
+        {
+            "name": "reporter",
+            "command": [sys.executable, "-c", REPORTER, "10.213.0.1", str(port), SUPERUSER, DATABASE],
+            "network": "namespace",
+            "resources": {"cpu": 0.1, "memory": "64Mi"},
+        }
+    )
+    write_config(config, data)
+    async with pointsman(*up_args(config)) as proc, aiohttp.ClientSession() as http:
+
+        async def reported() -> bool:
+            async with http.get(proc.url("/metrics")) as resp:
+                text = await resp.text()
+            return any(
+                line.startswith("pointsman_sql_statements_total")
+                and 'app="reporter"' in line
+                and 'verb="SELECT"' in line
+                and line.endswith(" 3.0")
+                for line in text.splitlines()
+            )
+
+        await eventually(reported, 30, "three SELECTs counted under the reporter job")
+        async with http.get(proc.url("/metrics")) as resp:
+            assert 'app="not-me"' not in await resp.text()
