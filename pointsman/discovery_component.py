@@ -34,13 +34,10 @@ STATE_FILE = "registry.db"
 
 
 def default_state_dir() -> Path:
-    """``$POINTSMAN_STATE_DIR``, else ``$XDG_STATE_HOME/pointsman``, else
-    ``~/.local/state/pointsman``: a restart finds the registry where it left it."""
-    env = os.environ.get("POINTSMAN_STATE_DIR")
-    if env:
-        return Path(env)
-    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
-    return Path(base) / "pointsman"
+    """``$POINTSMAN_STATE_DIR``, else ``.pointsman`` in the working directory (absolute): a
+    restart from the same place finds the registry, the allocations and their logs where it
+    left them, and `make run` keeps them inside the checkout (ignored by git)."""
+    return Path(os.environ.get("POINTSMAN_STATE_DIR") or ".pointsman").resolve()
 
 
 class RegistryCollector(Collector):

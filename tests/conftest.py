@@ -35,3 +35,18 @@ def pg_server() -> Iterator[PgServer]:
         pytest.skip(message)
     with PgServer() as server:
         yield server
+
+
+@pytest.fixture(scope="session", autouse=True)
+def state_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Every pointsman a test starts without a state_dir keeps its state in this session's own
+    directory (inherited by subprocesses), never in the checkout's `.pointsman/`."""
+    previous = os.environ.get("POINTSMAN_STATE_DIR")
+    os.environ["POINTSMAN_STATE_DIR"] = str(tmp_path_factory.mktemp("pointsman-state"))
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("POINTSMAN_STATE_DIR", None)
+        else:
+            os.environ["POINTSMAN_STATE_DIR"] = previous
