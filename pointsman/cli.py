@@ -90,6 +90,10 @@ def _serve(args: argparse.Namespace, *, router: bool, discovery: bool | None = N
         except ConfigError as exc:
             print(exc.render(), file=sys.stderr)
             return 1
+        if router and discovery is None:  # `up`: tell a person what runs where
+            from pointsman.banner import banner
+
+            print(banner(supervisor), flush=True)
         return await supervisor.run_until_stopped()
 
     try:

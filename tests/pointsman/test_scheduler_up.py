@@ -171,6 +171,11 @@ async def test_jobs_api_adds_validates_and_removes(tmp_path: Path) -> None:
     data = _config(tmp_path / "state", count=1)
     write_config(config, data)
     async with pointsman(*up_args(config)) as proc, aiohttp.ClientSession() as http:
+        # What runs where, for a person (bound addresses, not the config's port 0).
+        await proc.wait_for(re.compile(r"^pointsman is up:$"))
+        public = await proc.wait_for(re.compile(r"^  public +(http://\S+)$"))
+        assert public.group(1) == f"http://{proc.listeners['public']}/"
+        await proc.wait_for(re.compile(r"^  jobs +web x1 "))
         job = {
             "name": "echo",
             "command": [sys.executable, "-c", "import time; print('up', flush=True); time.sleep(60)"],
