@@ -17,12 +17,31 @@
 #
 # Note: Debian's postgresql package creates and starts a "main" cluster on port 5432 when it
 # is installed. The tests do not need it (they start their own, tests/pgserver.py) and leave
-# it alone.
+# it alone. Debian's prometheus package likewise starts a server on :9090 when it can; the
+# tests run their own on a free port (tests/pointsman/test_prometheus.py), so when this script
+# has just installed it, the packaged service is stopped if the install started it (see
+# STOP_AFTER_INSTALL). A prometheus installed before is never touched.
 
 set -euo pipefail
 
 say() {
     echo "ensure-debian-packages: $*" >&2
+}
+
+# Packages whose install starts a system service that nothing here uses (it would only hold a
+# port and memory): stopped when this script has just installed them.
+STOP_AFTER_INSTALL=(prometheus)
+
+# stop_service NAME: stop the service NAME if it runs (systemd, else its init script).
+stop_service() {
+    local name="$1"
+    if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet "$name" 2>/dev/null; then
+        say "stopping the $name service its package started (not used here)"
+        systemctl stop "$name" >&2 || say "warning: systemctl stop $name failed"
+    elif command -v service >/dev/null 2>&1 && service "$name" status >/dev/null 2>&1; then
+        say "stopping the $name service its package started (not used here)"
+        service "$name" stop >&2 || say "warning: service $name stop failed"
+    fi
 }
 
 # present CHECK: whether the program CHECK names is there.
@@ -81,4 +100,9 @@ if ! apt-get install -y --no-install-recommends "${packages[@]}" >&2; then
 fi
 for check in "${missing[@]}"; do
     present "$check" || say "warning: $check is still missing after installing ${packages[*]}"
+done
+for package in "${packages[@]}"; do
+    if [[ " ${STOP_AFTER_INSTALL[*]} " == *" $package "* ]]; then
+        stop_service "$package"
+    fi
 done
