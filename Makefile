@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-CONFIG ?= configs/default.yaml
+CONFIG ?= configs/demo.yaml
 
 .PHONY: run test deps lint typecheck bench clean
 

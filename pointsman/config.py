@@ -134,9 +134,14 @@ _Yaml12Loader.add_implicit_resolver(
 )
 
 
+def read_yaml(text: str) -> Any:
+    """YAML as config files are read (1.2 booleans); raises yaml.YAMLError."""
+    return yaml.load(text, Loader=_Yaml12Loader)
+
+
 def load_text(text: str, source: str = "<config>") -> Config:
     try:
-        data = yaml.load(text, Loader=_Yaml12Loader)
+        data = read_yaml(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""

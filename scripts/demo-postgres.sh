@@ -117,6 +117,20 @@ as_pg() {
 DATADIR="$(realpath -m -- "$DATADIR_ARG")"
 PARENT="$(dirname -- "$DATADIR")"
 mkdir -p -- "$PARENT" || die "cannot create $PARENT"
+# As root with DATADIR where the postgres user cannot go (a checkout under /root, a private
+# temporary directory): keep the cluster in /var/lib/pointsman-demo/<digest of DATADIR> and
+# leave a symlink at DATADIR, so the same DATADIR finds the same data on every start.
+if [ "$(id -u)" -eq 0 ] && ! as_pg test -x "$PARENT"; then
+    digest="$(printf '%s' "$DATADIR" | sha256sum | cut -c1-16)"
+    outside="/var/lib/pointsman-demo/$digest"
+    mkdir -p -- "$outside" && chmod 755 /var/lib/pointsman-demo "$outside" ||
+        die "cannot create $outside for a cluster the '$SYSTEM_USER' user can reach"
+    [ -L "$DATADIR" ] || [ ! -e "$DATADIR" ] || die "$DATADIR exists and the '$SYSTEM_USER' user cannot reach it"
+    ln -sfn -- "$outside/data" "$DATADIR"
+    say "the '$SYSTEM_USER' user cannot reach $PARENT: the cluster lives in $outside/data (linked from $DATADIR)"
+    DATADIR="$outside/data"
+    PARENT="$outside"
+fi
 # initdb and postgres complain about a working directory they cannot read (/root, say).
 cd -- "$PARENT" || die "cannot enter $PARENT"
 as_pg test -x "$PARENT" ||
