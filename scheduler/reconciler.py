@@ -714,30 +714,19 @@ class Reconciler:
         for u in config.upstreams:
             address = f"127.0.0.1:{local[u.service]}"
             env.setdefault(u.variable, f"http://{address}" if u.protocol == "http" else address)
-        labels = {"pointsman.job": alloc.job, "pointsman.version": alloc.version, "pointsman.node": alloc.node}
-        if config.driver == "docker" and config.docker is not None:
-            return TaskSpec(
-                alloc_id=alloc.id,
-                job=alloc.job,
-                command=tuple(self._resolve(part, local) for part in config.docker.command),
-                env=env,
-                ports=alloc.ports,
-                cpu=alloc.cpu,
-                memory=alloc.memory,
-                image=config.docker.image,
-                volumes=dict(config.docker.volumes),
-                labels=labels,
-                dns=dns,
-            )
+        docker = config.docker if config.driver == "docker" else None
+        command = docker.command if docker is not None else config.command
         return TaskSpec(
             alloc_id=alloc.id,
             job=alloc.job,
-            command=tuple(self._resolve(part, local) for part in config.command),
+            command=tuple(self._resolve(part, local) for part in command),
             env=env,
             ports=alloc.ports,
             cpu=alloc.cpu,
             memory=alloc.memory,
-            labels=labels,
+            image=docker.image if docker is not None else None,
+            volumes=dict(docker.volumes) if docker is not None else {},
+            labels={"pointsman.job": alloc.job, "pointsman.version": alloc.version, "pointsman.node": alloc.node},
             network=config.network,
             dns=dns,
         )
