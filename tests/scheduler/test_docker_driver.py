@@ -156,7 +156,9 @@ async def test_many_waits_do_not_starve_other_calls(driver: DockerDriver) -> Non
     waiters = [asyncio.create_task(driver.wait(handle)) for handle in handles]
     await asyncio.sleep(0.3)
     extra = await asyncio.wait_for(driver.start(spec("extra", ("true",))), 15)
-    exits = await asyncio.wait_for(asyncio.gather(*(driver.stop(h, grace=3) for h in [*handles, extra])), 30)
+    # A grace that holds on a loaded machine: nine containers may take a while to act on TERM,
+    # and a SIGKILL after the grace is a different exit (137), not what this tests.
+    exits = await asyncio.wait_for(asyncio.gather(*(driver.stop(h, grace=10) for h in [*handles, extra])), 60)
     assert [e.code for e in exits] == [0] * 9
     assert [e.code for e in await asyncio.wait_for(asyncio.gather(*waiters), 30)] == [0] * 8
 
