@@ -7,6 +7,7 @@ GET  /config    the effective config, its hash and the file it came from
 GET  /status    state, config hash, the last reload (source, time, result, errors), listener addresses
 GET  /clusters  (router) every cluster and endpoint with health and ejection state
 GET  /sql/stats (router) SQL statements per listener, app and verb: totals, rates, latency
+GET  /http/stats (router) HTTP requests per listener, route and cluster: totals, rates, 5xx, latency
 POST /reload    load the config file again: 200 reloaded/unchanged, 400 with the errors
 
 The admin server is the supervisor's first component: it starts before the others and stops
@@ -28,6 +29,7 @@ from router.config import format_address
 if TYPE_CHECKING:
     from pointsman.config import Config
     from pointsman.supervisor import Supervisor
+    from router.http_stats import HttpStats
     from router.listeners import Router
     from router.sql_metrics import SqlStats
 
@@ -168,3 +170,14 @@ def sql_routes(stats: SqlStats) -> list[web.RouteDef]:
         return web.json_response(stats.snapshot())
 
     return [web.get("/sql/stats", sql_stats)]
+
+
+def http_routes(stats: HttpStats) -> list[web.RouteDef]:
+    """``GET /http/stats``: per listener, route and cluster: totals, requests/s and 5xx/s
+    over the last seconds, latency over the same window; open connections, in-flight
+    requests (from the samples the router component takes once a second)."""
+
+    async def http_stats(request: web.Request) -> web.Response:
+        return web.json_response(stats.snapshot())
+
+    return [web.get("/http/stats", http_stats)]

@@ -33,6 +33,7 @@ from pointsman.config import Config, load_file
 from pointsman.errors import ConfigError, ConfigProblem
 from pointsman.metrics import build_registry
 from router.config import ClusterConfig, ListenerConfig, format_address
+from router.http_stats import HttpStats
 from router.listeners import Router
 from router.metrics import RouterStats
 
@@ -90,6 +91,7 @@ class RouterComponent(Component):
 
     def __init__(self, stats: RouterStats, catalog: Catalog | None = None) -> None:
         self.router = Router(stats, catalog=catalog)
+        self.http_stats = HttpStats(stats)  # sampled below; GET /http/stats reads it
         self._sampler: asyncio.Task[None] | None = None
         self._config: Config | None = None
         # Listeners and clusters made by other components (the scheduler's sidecars), applied
@@ -125,9 +127,11 @@ class RouterComponent(Component):
         self._sampler = asyncio.get_running_loop().create_task(self._sample(), name="sql-stats-sampler")
 
     async def _sample(self) -> None:
-        """Once a second, a sample of the SQL counters: /sql/stats gives rates from these."""
+        """Once a second, a sample of the SQL and HTTP counters: /sql/stats and /http/stats
+        give rates from these."""
         while True:
             self.router.sql_stats.sample()
+            self.http_stats.sample()
             await asyncio.sleep(1.0)
 
     async def reload(self, config: Config) -> None:
@@ -152,9 +156,9 @@ class RouterComponent(Component):
         ]
 
     def admin_routes(self) -> list[web.RouteDef]:
-        from pointsman.admin import cluster_routes, sql_routes
+        from pointsman.admin import cluster_routes, http_routes, sql_routes
 
-        return [*cluster_routes(self.router), *sql_routes(self.router.sql_stats)]
+        return [*cluster_routes(self.router), *sql_routes(self.router.sql_stats), *http_routes(self.http_stats)]
 
     def collectors(self) -> list[Collector]:
         return [self.router.sql_stats]

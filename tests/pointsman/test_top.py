@@ -1,8 +1,10 @@
-"""``pointsman top`` and the snapshot behind it (``GET /sql/stats``).
+"""``pointsman top`` and the snapshots behind it (``GET /sql/stats``, ``GET /http/stats``).
 
-Three layers: the frame as a pure function of a snapshot; the snapshot's arithmetic on a
-:class:`SqlStats` filled by hand with explicit clock readings; and the real thing, a
-``pointsman router`` in front of the test PostgreSQL with ``pointsman top --once`` reading it.
+Three layers: the frame as a pure function of the snapshots; the SQL snapshot's arithmetic
+on a :class:`SqlStats` filled by hand with explicit clock readings (the HTTP one's is in
+tests/router/test_http_stats.py); and the real thing, ``pointsman router`` in front of the
+test PostgreSQL and ``pointsman up`` in front of an aiohttp upstream, with
+``pointsman top --once`` reading them.
 """
 
 from __future__ import annotations
@@ -20,13 +22,14 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 from pointsman import top
 from pointsman.cli import build_parser
 from pointsman.errors import AdminError
 from router.sql_metrics import SQL_DURATION_BUCKETS, SqlStats, _quantile
 from tests.pgserver import DATABASE, SUPERUSER, PgServer, clean_env, find_bin_dir
-from tests.pointsman.harness import eventually, pointsman, run_cli, write_config
+from tests.pointsman.harness import eventually, http_upstream, pointsman, run_cli, up_args, write_config
 
 AT = datetime(2024, 5, 1, 12, 0, 3)
 
@@ -77,6 +80,51 @@ SNAPSHOT: dict[str, Any] = {
     "classify_cache": {"hits": 987, "misses": 13, "hit_rate": 0.987},
 }
 
+HTTP_SNAPSHOT: dict[str, Any] = {
+    "window_seconds": 5.0,
+    # Not in rate order either.
+    "routes": [
+        {
+            "listener": "web",
+            "route": "",  # no route matched (404s)
+            "cluster": "",
+            "total": 4.0,
+            "rate": 0.2,
+            "error_rate": 0.0,
+            "mean_ms": 0.1,
+            "p50_ms": 0.05,
+            "p99_ms": 0.2,
+        },
+        {
+            "listener": "web",
+            "route": "api",
+            "cluster": "api-v1",
+            "total": 5000.0,
+            "rate": 250.0,
+            "error_rate": 2.5,
+            "mean_ms": 3.25,
+            "p50_ms": 2.5,
+            "p99_ms": 48.0,
+        },
+        {
+            "listener": "web",
+            "route": "static",
+            "cluster": "files",
+            "total": 90.0,
+            "rate": 0.0,
+            "error_rate": 0.0,
+            "mean_ms": None,  # nothing completed in the window
+            "p50_ms": None,
+            "p99_ms": None,
+        },
+    ],
+    "listeners": [{"listener": "web", "active_connections": 12, "rejected_total": 3.0, "rejected_rate": 0.0}],
+    "clusters": [
+        {"cluster": "api-v1", "in_flight": 7, "connections": 9, "overflow_total": 2.0, "overflow_rate": 0.4},
+        {"cluster": "files", "in_flight": 0, "connections": 1, "overflow_total": 0.0, "overflow_rate": 0.0},
+    ],
+}
+
 
 def _table_rows(frame: str, heading: str) -> list[list[str]]:
     """The rows under the table whose heading line starts with ``heading``, split on runs of
@@ -95,7 +143,7 @@ def _table_rows(frame: str, heading: str) -> list[list[str]]:
 
 
 def test_render_a_frame() -> None:
-    frame = top.render(SNAPSHOT, admin="127.0.0.1:9901", at=AT, interval=1.0)
+    frame = top.render({"sql": SNAPSHOT}, admin="127.0.0.1:9901", at=AT, interval=1.0)
     lines = frame.splitlines()
     assert lines[0] == "pointsman top - admin 127.0.0.1:9901 - 2024-05-01 12:00:03 - every 1s"
     assert lines[1] == "window 5.0s   statements 122.5/s   denied 0.4/s"
@@ -116,7 +164,7 @@ def test_render_a_frame() -> None:
 
 
 def test_render_aligns_columns() -> None:
-    frame = top.render(SNAPSHOT, admin="a:1", at=AT)
+    frame = top.render({"sql": SNAPSHOT}, admin="a:1", at=AT)
     heading, *rows = frame.splitlines()[5:8]
     # Names start under their heading; numbers end under theirs.
     assert rows[0].index("orders") == heading.index("APP")
@@ -126,20 +174,98 @@ def test_render_aligns_columns() -> None:
 
 
 def test_render_before_any_traffic() -> None:
-    empty = {
+    sql = {
         "window_seconds": 0.0,
         "statements": [],
         "denied": [],
-        "sessions": [],
+        "sessions": [{"listener": "db", "app": "gone", "active": 0.0}],
         "classify_cache": {"hits": 0, "misses": 0, "hit_rate": None},
     }
-    frame = top.render(empty, admin="a:1", at=AT)
+    http = {"window_seconds": 0.0, "routes": [], "listeners": [], "clusters": []}
+    frame = top.render({"sql": sql, "http": http}, admin="a:1", at=AT)
     assert "every" not in frame.splitlines()[0]  # a single frame has no refresh period
+    # Each section without traffic is one line.
+    assert frame.splitlines()[1:] == ["no SQL traffic", "", "no HTTP traffic"]
+
+
+def test_render_sessions_before_statements() -> None:
+    sql = {
+        "window_seconds": 0.0,
+        "statements": [],
+        "denied": [],
+        "sessions": [{"listener": "db", "app": "orders", "active": 1.0}],
+        "classify_cache": {"hits": 0, "misses": 0, "hit_rate": None},
+    }
+    frame = top.render({"sql": sql}, admin="a:1", at=AT)
     assert "rates appear once the router has two samples" in frame
     assert "classify cache: no lookups yet" in frame
-    assert "sessions: none open" in frame
+    assert "sessions: 1 open: orders 1" in frame
     assert "no SQL statements yet" in frame
     assert "no denials" in frame
+
+
+def test_render_the_http_section() -> None:
+    frame = top.render({"sql": SNAPSHOT, "http": HTTP_SNAPSHOT}, admin="a:1", at=AT)
+    lines = frame.splitlines()
+    # The SQL section as before, then the HTTP one below it.
+    assert lines[1] == "window 5.0s   statements 122.5/s   denied 0.4/s"
+    start = lines.index("window 5.0s   requests 250.2/s   5xx 2.5/s")
+    assert lines[start - 1] == ""
+    assert lines[start + 1] == (
+        "connections: 12 open   in flight: api-v1 7   overflow 503s: api-v1 2 (0.4/s)   refused before routing: web 3"
+    )
+    assert lines[start + 3].split() == list(top.HTTP_COLUMNS)
+    assert _table_rows(frame, "LISTENER  ROUTE") == [
+        ["web", "api", "api-v1", "250.0", "2.5", "5000", "3.250", "2.500", "48.000"],
+        ["web", "-", "-", "0.2", "0.0", "4", "0.100", "0.050", "0.200"],  # no route matched
+        ["web", "static", "files", "0.0", "0.0", "90", "-", "-", "-"],
+    ]
+    heading = lines[start + 3]
+    row = lines[start + 4]
+    assert row.index("api-v1") == heading.index("CLUSTER")
+    assert row.endswith("48.000") and len(row) == len(heading)
+
+    # With colour, the route answering 5xx is red.
+    colored = top.render({"http": HTTP_SNAPSHOT}, admin="a:1", at=AT, color=True)
+    red = [line for line in colored.splitlines() if line.startswith("\x1b[31m")]
+    assert len(red) == 1 and "api-v1" in red[0]
+
+
+def test_render_one_section_without_traffic() -> None:
+    idle_sql = {"window_seconds": 5.0, "statements": [], "denied": [], "sessions": [], "classify_cache": {}}
+    frame = top.render({"sql": idle_sql, "http": HTTP_SNAPSHOT}, admin="a:1", at=AT)
+    lines = frame.splitlines()
+    assert lines[1:4] == ["no SQL traffic", "", "window 5.0s   requests 250.2/s   5xx 2.5/s"]
+    # An instance that serves no /http/stats (older): the SQL view alone, no HTTP line.
+    frame = top.render({"sql": SNAPSHOT, "http": None}, admin="a:1", at=AT)
+    assert "HTTP" not in frame and "ROUTE" not in frame and "INSERT" in frame
+    # Before two samples the HTTP section has totals, and says why rates are 0.
+    fresh = {**HTTP_SNAPSHOT, "window_seconds": 0.0}
+    frame = top.render({"http": fresh}, admin="a:1", at=AT)
+    assert frame.splitlines()[1].startswith("window -   rates appear once")
+
+
+def test_render_shares_the_height_between_tables() -> None:
+    sql = dict(SNAPSHOT)
+    sql["statements"] = [
+        {"listener": "db", "app": f"app{i:02d}", "verb": "SELECT", "total": 100 - i, "rate": 0.0} for i in range(30)
+    ]
+    http = dict(HTTP_SNAPSHOT)
+    http["routes"] = [
+        {"listener": "web", "route": f"r{i:02d}", "cluster": "c", "total": 100 - i, "rate": 0.0} for i in range(30)
+    ]
+    frame = top.render({"sql": sql, "http": http}, admin="a:1", at=AT, height=40)
+    lines = frame.splitlines()
+    assert len(lines) == 40
+    assert "app00" in frame and "r00" in frame
+    more = [line for line in lines if line.startswith("... ")]
+    assert len(more) == 2  # each table says how many it left out
+    assert "no-destructive" in frame  # the denials stay
+    # A small table is shown whole; the big one gets the rest.
+    http["routes"] = http["routes"][:3]
+    lines = top.render({"sql": sql, "http": http}, admin="a:1", at=AT, height=40).splitlines()
+    assert len(lines) == 40 and "r02" in "\n".join(lines)
+    assert len([line for line in lines if line.startswith("... ")]) == 1
 
 
 def test_render_an_error_frame() -> None:
@@ -159,7 +285,7 @@ def test_render_fits_the_terminal() -> None:
     many["statements"] = [
         {"listener": "db", "app": f"app{i:02d}", "verb": "SELECT", "total": 100 - i, "rate": 0.0} for i in range(30)
     ]
-    frame = top.render(many, admin="a:1", at=AT, width=40, height=20, color=True)
+    frame = top.render({"sql": many}, admin="a:1", at=AT, width=40, height=20, color=True)
     plain = re.sub(r"\x1b\[[0-9;]*m", "", frame)
     assert len(plain.splitlines()) <= 20
     assert all(len(line) <= 40 for line in plain.splitlines())
@@ -178,7 +304,13 @@ def test_render_fits_the_terminal() -> None:
 
 def test_once_prints_a_frame() -> None:
     out, err = io.StringIO(), io.StringIO()
-    code = top.run(("127.0.0.1", 9901), once=True, out=out, err=err, fetch=lambda address, timeout: SNAPSHOT)
+    code = top.run(
+        ("127.0.0.1", 9901),
+        once=True,
+        out=out,
+        err=err,
+        fetch=lambda address, timeout: {"sql": SNAPSHOT, "http": HTTP_SNAPSHOT},
+    )
     assert code == 0 and err.getvalue() == ""
     assert "orders" in out.getvalue() and "\x1b" not in out.getvalue()  # not a terminal: plain
 
@@ -186,7 +318,7 @@ def test_once_prints_a_frame() -> None:
 def test_live_view_shows_errors_retries_and_stops_on_ctrl_c() -> None:
     answers: list[Mapping[str, Any] | BaseException] = [
         AdminError("http://127.0.0.1:9901/sql/stats: cannot reach the admin API: refused"),
-        SNAPSHOT,
+        {"sql": SNAPSHOT, "http": None},
         KeyboardInterrupt(),
     ]
 
@@ -398,3 +530,104 @@ async def test_top_once_against_an_unreachable_instance(closed_port: int) -> Non
     assert out == ""
     assert err.count("\n") == 1
     assert f"http://127.0.0.1:{closed_port}/sql/stats: cannot reach the admin API" in err
+
+
+# -- end to end: HTTP through a real `pointsman up` ----------------------------------------------
+
+
+def _upstream() -> web.Application:
+    app = web.Application()
+
+    async def hello(request: web.Request) -> web.Response:
+        return web.Response(text="hello")
+
+    async def fail(request: web.Request) -> web.Response:
+        return web.Response(status=500, text="failed")
+
+    app.router.add_get("/hello", hello)
+    app.router.add_get("/fail", fail)
+    return app
+
+
+async def test_top_once_shows_the_http_routes_of_a_real_instance(tmp_path: Path) -> None:
+    sent, failed = 30, 5
+    async with http_upstream(_upstream()) as (host, port):
+        config = tmp_path / "pointsman.yaml"
+        write_config(
+            config,
+            {
+                "admin": {"listen": "127.0.0.1:0"},
+                "clusters": {"app": {"endpoints": [f"{host}:{port}"]}},
+                "listeners": [
+                    {
+                        "name": "web",
+                        "listen": "127.0.0.1:0",
+                        "routes": [{"name": "api", "match": {"path_prefix": "/"}, "to": "app"}],
+                    }
+                ],
+            },
+        )
+        async with (
+            pointsman(*up_args(config)) as running,
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session,
+        ):
+            # About 20 requests a second for 1.5 s; every sixth one answered 500 upstream.
+            for i in range(sent):
+                path = "/fail" if i % 6 == 5 else "/hello"
+                async with session.get(running.listener_url("web", path)) as response:
+                    assert response.status == (500 if path == "/fail" else 200)
+                await asyncio.sleep(0.05)
+
+            # Wait for a sample taken after the last request: then the window holds them all.
+            async def all_in_the_window() -> bool:
+                async with session.get(running.url("/http/stats")) as response:
+                    snap = await response.json()
+                return any(
+                    r["route"] == "api" and round(r["rate"] * snap["window_seconds"]) == sent for r in snap["routes"]
+                )
+
+            await eventually(all_in_the_window, timeout=10, what="every request in the rate window")
+            code, out, err_text = await run_cli("top", "--once", "--admin", running.admin)
+    assert code == 0, err_text
+    print(out)  # the frame, for `pytest -s`
+    lines = out.splitlines()
+    assert lines[0].startswith(f"pointsman top - admin {running.admin} - ")
+    assert lines[1] == "no SQL traffic"  # no postgres listener here
+    summary = next(line for line in lines if "requests" in line)
+    m = re.fullmatch(r"window (\d+\.\d)s   requests (\d+\.\d)/s   5xx (\d+\.\d)/s", summary)
+    assert m is not None, summary
+    window, rate, errors = (float(g) for g in m.groups())
+    # The figures of a real clock: all the requests in a window of 2 to 6 s.
+    assert 1.5 <= window <= 6.0
+    assert abs(rate * window - sent) <= 0.05 * window + 0.5
+    assert abs(errors * window - failed) <= 0.05 * window + 0.5
+    assert "connections: " in out and "in flight: none" in out
+    [row] = _table_rows(out, "LISTENER  ROUTE")
+    assert row[:3] == ["web", "api", "app"]
+    assert float(row[3]) == rate and float(row[4]) == errors
+    assert row[5] == str(sent)  # TOTAL
+    assert all(re.fullmatch(r"\d+\.\d{3}", cell) for cell in row[6:9])  # mean, p50, p99 in ms
+    assert float(row[7]) <= float(row[8])
+    assert "\x1b" not in out
+
+
+async def test_an_instance_without_http_stats_still_shows_sql() -> None:
+    """An older instance (no /http/stats, a 404) and one with neither endpoint, on a real
+    socket; ``top.run`` and its urllib fetch run in a thread, as the command runs them."""
+    app = web.Application()
+
+    async def sql_stats(request: web.Request) -> web.Response:
+        return web.json_response(SNAPSHOT)
+
+    app.router.add_get("/sql/stats", sql_stats)
+    async with http_upstream(app) as address:
+        out, err = io.StringIO(), io.StringIO()
+        code = await asyncio.to_thread(top.run, address, once=True, out=out, err=err)
+        assert code == 0, err.getvalue()
+        assert "INSERT" in out.getvalue() and "ROUTE" not in out.getvalue()
+
+    async with http_upstream(web.Application()) as address:
+        out, err = io.StringIO(), io.StringIO()
+        code = await asyncio.to_thread(top.run, address, once=True, out=out, err=err)
+        assert code == 1 and out.getvalue() == ""
+        assert err.getvalue() == f"http://{address[0]}:{address[1]}/sql/stats: HTTP 404 Not Found\n"
