@@ -1,7 +1,8 @@
 """The docker driver: one container per allocation, through the Docker engine's API (docker SDK).
 
 The SDK is blocking; every call runs in `asyncio.to_thread`. The engine is the source of truth:
-a container is ours when it carries the label `pointsman.owned=true`, its allocation is the label
+a container is ours when it carries the label `pointsman.owned=<owner>` (a digest of the driver's
+state directory: one pointsman's containers are never another's), its allocation is the label
 `pointsman.alloc`, its name is `pointsman-<alloc_id>`. So a second driver (pointsman restarted)
 finds and adopts the running containers with `running()`.
 
@@ -28,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -128,6 +130,9 @@ class DockerDriver(Driver):
     ) -> None:
         self.name = driver_name
         self.state_dir = Path(state_dir)
+        # Which pointsman owns a container: one per state directory, so that two on one engine
+        # (or a test beside a running one) never adopt or clean up each other's containers.
+        self.owner = hashlib.sha256(str(self.state_dir.resolve()).encode()).hexdigest()[:16]
         self.dns = list(dns) if dns else None
         self._client: Any = client
         self._closed = threading.Event()
@@ -245,7 +250,7 @@ class DockerDriver(Driver):
                 raise DriverError(f"{spec.alloc_id}: bad volume {host_path!r} -> {target!r} (want /path[:ro])")
             volumes[host_path] = {"bind": bind, "mode": mode or "rw"}
         # Our labels win: a spec must not be able to disown its container or claim another alloc.
-        labels = {**spec.labels, ALLOC_LABEL: spec.alloc_id, JOB_LABEL: spec.job, OWNED_LABEL: "true"}
+        labels = {**spec.labels, ALLOC_LABEL: spec.alloc_id, JOB_LABEL: spec.job, OWNED_LABEL: self.owner}
         kwargs: dict[str, Any] = {
             "image": spec.image,
             "command": list(command),
@@ -411,7 +416,9 @@ class DockerDriver(Driver):
 
     def _ours(self, all_states: bool) -> list[Any]:
         try:
-            return list(self._docker().containers.list(all=all_states, filters={"label": f"{OWNED_LABEL}=true"}))
+            return list(
+                self._docker().containers.list(all=all_states, filters={"label": f"{OWNED_LABEL}={self.owner}"})
+            )
         except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
             raise DriverError(f"docker: cannot list containers: {exc}") from exc
 

@@ -216,13 +216,18 @@ async def test_labels_running_and_cleanup_find_only_ours(driver: DockerDriver, c
     labels = cleanup_containers.containers.get(keep.ref).labels
     assert labels["pointsman.alloc"] == keep.alloc_id
     assert labels["pointsman.job"] == "job-keep"
-    assert labels["pointsman.owned"] == "true"
+    assert labels["pointsman.owned"] == driver.owner
     assert labels[TEST_LABEL] == RUN_ID
 
     running = await driver.running()
     refs = {handle.ref for handle in running}
     assert {keep.ref, orphan.ref} <= refs
     assert foreign.id not in refs
+    # Another pointsman (another state directory) on the same engine: none of these are its.
+    other = DockerDriver(driver.state_dir.parent / "another-pointsman")
+    assert not {keep.ref, orphan.ref} & {handle.ref for handle in await other.running()}
+    assert await other.cleanup(set()) == []
+    other.close()
     assert keep in running  # the same handle start() gave: adoptable as is
 
     # Keep every other container of ours on this engine (this may not be the only user of it).
