@@ -2,6 +2,9 @@
 
     pointsman up --config FILE             every component the file configures (+ admin API)
     pointsman router --config FILE         the router's listeners (+ admin API)
+    pointsman sidecar --app NAME --config FILE
+                                           local listeners for an app pointsman does not run
+                                           (the file's sidecars:), printed as VAR=address
     pointsman check-config FILE [FILE...]  validate; every error with file, path and reason
     pointsman schema                       the config's JSON Schema
     pointsman plan FILE [--job NAME] [--eval-id ID]
@@ -118,6 +121,45 @@ def cmd_router(args: argparse.Namespace) -> int:
 
 def cmd_dns(args: argparse.Namespace) -> int:
     return _serve(args, router=False, discovery=True)
+
+
+def cmd_sidecar(args: argparse.Namespace) -> int:
+    from pointsman.sidecar_component import build_sidecar_supervisor, find_sidecar
+
+    try:
+        config = load_file(args.config)
+    except ConfigError as exc:
+        print(exc.render(), file=sys.stderr)
+        return 1
+    if find_sidecar(config, args.app) is None:
+        known = ", ".join(car.app for car in config.sidecars) or "none"
+        print(f"{args.config}: sidecars: no entry has app {args.app!r} ({known})", file=sys.stderr)
+        return 1
+
+    async def main() -> int:
+        supervisor, sidecar = build_sidecar_supervisor(
+            config,
+            args.config,
+            args.app,
+            drain_timeout=args.drain_timeout,
+            watch_interval=None if args.no_watch else args.watch_interval,
+        )
+        try:
+            await supervisor.start()
+        except ConfigError as exc:
+            print(exc.render(), file=sys.stderr)
+            return 1
+        # What the app is started with (`export` them); the logs go to stderr.
+        print("\n".join(sidecar.env()), flush=True)
+        return await supervisor.run_until_stopped()
+
+    try:
+        return _run(main)
+    except KeyboardInterrupt:
+        return 130
+    except Exception:
+        log.exception("pointsman stopped on an unexpected error")
+        return 1
 
 
 # -- offline commands --------------------------------------------------------------------
@@ -428,6 +470,13 @@ def build_parser() -> argparse.ArgumentParser:
     serving("dns", "run the service registry, its API and the DNS server (the discovery section)").set_defaults(
         func=cmd_dns
     )
+
+    sidecar = serving(
+        "sidecar",
+        "local listeners for an app pointsman does not run (the file's sidecars:), following a registry",
+    )
+    sidecar.add_argument("--app", required=True, metavar="NAME", help="the sidecars[] entry to run")
+    sidecar.set_defaults(func=cmd_sidecar)
 
     check = commands.add_parser("check-config", help="validate config files", parents=[common])
     check.add_argument("files", nargs="+", metavar="FILE")

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from discovery.config import DiscoveryConfig
 from l7.policy_config import PolicyRule
 from pointsman.errors import ConfigError, ConfigProblem
+from pointsman.sidecar import SidecarConfig, check_sidecars
 from router.config import Address, ClusterConfig, ListenerConfig, check_references
 from scheduler.config import JobConfig, NodeConfig, SchedulerConfig, check_declarations
 
@@ -49,6 +50,9 @@ class Config(BaseModel):
     )
     jobs: list[JobConfig] = Field(default_factory=list, description="workloads the scheduler places on the nodes")
     scheduler: SchedulerConfig | None = Field(default=None, description="placement settings (algorithm)")
+    sidecars: list[SidecarConfig] = Field(
+        default_factory=list, description="local listeners for apps pointsman does not run (`pointsman sidecar`)"
+    )
 
     def digest(self) -> str:
         """A stable hash of the effective config: equal configs have equal digests."""
@@ -115,6 +119,7 @@ def parse_config(data: Any, source: str = "<config>") -> Config:
                     problems.append(
                         ConfigProblem(f"jobs[{i}].upstreams[{k}].policies[{m}]", f"unknown policy {name!r} ({known})")
                     )
+    problems.extend(ConfigProblem(path, reason) for path, reason in check_sidecars(config.sidecars, names))
     if problems:
         raise ConfigError(source, problems)
     return config

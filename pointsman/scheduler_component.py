@@ -18,8 +18,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from discovery.dns import DnsServer
+from pointsman.sidecar import LocalUpstream, upstream_routes
 from pointsman.supervisor import Component, RouterComponent
-from router.config import ClusterConfig, ListenerConfig
 from scheduler.api import scheduler_routes
 from scheduler.driver import Driver, DriverError
 from scheduler.drivers.process import ProcessDriver
@@ -125,24 +125,18 @@ class SchedulerComponent(Component):
     async def _sidecars_changed(self, sidecars: Sequence[Sidecar]) -> None:
         """Every allocation's local listeners, as router listeners and clusters."""
         assert self.router is not None
-        clusters: dict[str, ClusterConfig] = {}
-        listeners: list[ListenerConfig] = []
-        for car in sidecars:
-            cluster = f"upstream.{car.service}.{car.port}"
-            clusters.setdefault(cluster, ClusterConfig.model_validate({"service": car.service, "port": car.port}))
-            listener: dict[str, Any] = {
-                "name": f"sidecar.{car.alloc_id}.{car.service}",
-                "listen": f"127.0.0.1:{car.local_port}",
-                "protocol": car.protocol,
-            }
-            if car.protocol == "http":
-                listener["routes"] = [{"match": {"path_prefix": "/"}, "to": cluster, "retries": {}}]
-            else:
-                listener["to"] = cluster
-            if car.protocol == "postgres":
-                listener["app"] = car.job
-                listener["policies"] = list(car.policies)
-            listeners.append(ListenerConfig.model_validate(listener))
+        clusters, listeners = upstream_routes(
+            LocalUpstream(
+                name=f"sidecar.{car.alloc_id}.{car.service}",
+                service=car.service,
+                port=car.port,
+                protocol=car.protocol,
+                local_port=car.local_port,
+                app=car.job,
+                policies=car.policies,
+            )
+            for car in sidecars
+        )
         await self.router.set_generated(clusters, listeners)
 
     async def stop(self, deadline: float) -> None:

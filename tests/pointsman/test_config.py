@@ -150,6 +150,7 @@ def test_schema_is_valid_json_schema() -> None:
         "nodes",
         "policies",
         "scheduler",
+        "sidecars",
     }
 
 
