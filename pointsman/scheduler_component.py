@@ -177,10 +177,11 @@ class SchedulerCollector(Collector):
         reconciler = self.component.reconciler
         if reconciler is None:
             return
+        # A job is an app: the label vocabulary is the one the SQL and HTTP series use.
         allocs = GaugeMetricFamily(
             "pointsman_scheduler_allocations",
-            "Allocations by job, version, node, status and health",
-            labels=("job", "version", "node", "status", "health"),
+            "Allocations by app (job), version, node, status and health",
+            labels=("app", "version", "node", "status", "health"),
         )
         counts: dict[tuple[str, str, str, str, str], int] = {}
         for alloc in reconciler.live():
@@ -189,7 +190,7 @@ class SchedulerCollector(Collector):
         for key, n in sorted(counts.items()):
             allocs.add_metric(key, float(n))
         yield allocs
-        restarts = CounterMetricFamily("pointsman_scheduler_restarts", "Task restarts by job", labels=("job",))
+        restarts = CounterMetricFamily("pointsman_scheduler_restarts", "Task restarts by app (job)", labels=("app",))
         for job, n in sorted(reconciler.restarts_total.items()):
             restarts.add_metric((job,), float(n))
         yield restarts
@@ -197,8 +198,20 @@ class SchedulerCollector(Collector):
         placements.add_metric((), float(reconciler.placements))
         yield placements
         unplaced = GaugeMetricFamily(
-            "pointsman_scheduler_unplaced_instances", "Instances that fit on no node", labels=("job",)
+            "pointsman_scheduler_unplaced_instances", "Instances that fit on no node", labels=("app",)
         )
         for job, entry in sorted(reconciler.unplaced.items()):
             unplaced.add_metric((job,), float(entry.count))
         yield unplaced
+        # Who is behind each sidecar listener: SQL and HTTP series carry `listener` (and `app`);
+        # `* on (listener) group_left (instance, version, node) pointsman_sidecar_info` adds the rest.
+        info = GaugeMetricFamily(
+            "pointsman_sidecar_info",
+            "1 per sidecar listener, with the identity of the instance it serves",
+            labels=("listener", "app", "version", "instance", "node", "service"),
+        )
+        for group in reconciler.sidecars.values():
+            for car in group:
+                name = f"sidecar.{car.alloc_id}.{car.service}"
+                info.add_metric((name, car.job, car.version, car.alloc_id, car.node, car.service), 1.0)
+        yield info

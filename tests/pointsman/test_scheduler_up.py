@@ -152,7 +152,7 @@ async def test_a_killed_instance_is_replaced_and_dns_and_router_follow(tmp_path:
 
         async with http.get(proc.url("/metrics")) as resp:
             metrics = await resp.text()
-        assert 'pointsman_scheduler_restarts_total{job="web"} 1.0' in metrics
+        assert 'pointsman_scheduler_restarts_total{app="web"} 1.0' in metrics
         running = r'pointsman_scheduler_allocations\{[^}]*health="passing"[^}]*status="running"[^}]*\} 2\.0'
         assert re.search(running, metrics)
 

@@ -129,6 +129,10 @@ async def test_sidecars_point_an_app_at_its_upstreams_with_its_identity(tmp_path
             line.startswith("pointsman_sql_denied_total") and 'app="client"' in line and 'rule="no-drop"' in line
             for line in metrics.splitlines()
         ), metrics
+        # The sidecar's listener names the instance behind it, for joins in PromQL.
+        info = [line for line in metrics.splitlines() if line.startswith("pointsman_sidecar_info{")]
+        mine = [line for line in info if f'instance="{client["id"]}"' in line]
+        assert len(mine) == 3 and all('app="client"' in line and 'node="local"' in line for line in mine), info
         # Sidecar ports are the client's own, not advertised in discovery.
         async with http.get(proc.url("/v1/services/client")) as resp:
             assert (await resp.json())["services"]["client"][0]["ports"] == {}
