@@ -41,9 +41,9 @@ from typing import Any
 import yaml
 
 from pointsman import __version__
-from pointsman.config import json_schema, load_file
+from pointsman.config import Config, json_schema, load_file
 from pointsman.errors import AdminError, ConfigError
-from pointsman.supervisor import DEFAULT_DRAIN_TIMEOUT, build_supervisor
+from pointsman.supervisor import DEFAULT_DRAIN_TIMEOUT, Supervisor, build_supervisor
 from router.config import format_address, parse_address
 from scheduler.config import effective_nodes
 from scheduler.errors import SpecError
@@ -72,31 +72,33 @@ def _run(main: Callable[[], Coroutine[Any, Any, int]]) -> int:
 # -- serving ---------------------------------------------------------------------------
 
 
-def _serve(args: argparse.Namespace, *, router: bool, discovery: bool | None = None) -> int:
+def _serve_supervisor(
+    args: argparse.Namespace,
+    build: Callable[[Config], Supervisor],
+    ready: Callable[[Supervisor], str] | None = None,
+    check: Callable[[Config], str | None] | None = None,
+) -> int:
+    """Load the file, build the supervisor, start it, print what `ready` says, serve until
+    stopped. `check` refuses a valid file that does not suit the command (its message)."""
     try:
         config = load_file(args.config)
     except ConfigError as exc:
         print(exc.render(), file=sys.stderr)
         return 1
+    problem = check(config) if check is not None else None
+    if problem is not None:
+        print(problem, file=sys.stderr)
+        return 1
 
     async def main() -> int:
-        supervisor = build_supervisor(
-            config,
-            args.config,
-            router=router,
-            discovery=discovery,
-            drain_timeout=args.drain_timeout,
-            watch_interval=None if args.no_watch else args.watch_interval,
-        )
+        supervisor = build(config)
         try:
             await supervisor.start()
         except ConfigError as exc:
             print(exc.render(), file=sys.stderr)
             return 1
-        if router and discovery is None:  # `up`: tell a person what runs where
-            from pointsman.banner import banner
-
-            print(banner(supervisor), flush=True)
+        if ready is not None:
+            print(ready(supervisor), flush=True)
         return await supervisor.run_until_stopped()
 
     try:
@@ -108,6 +110,25 @@ def _serve(args: argparse.Namespace, *, router: bool, discovery: bool | None = N
         # A bug, not a config problem: the traceback is what a bug report needs.
         log.exception("pointsman stopped on an unexpected error")
         return 1
+
+
+def _serve(args: argparse.Namespace, *, router: bool, discovery: bool | None = None) -> int:
+    def build(config: Config) -> Supervisor:
+        return build_supervisor(
+            config,
+            args.config,
+            router=router,
+            discovery=discovery,
+            drain_timeout=args.drain_timeout,
+            watch_interval=None if args.no_watch else args.watch_interval,
+        )
+
+    ready = None
+    if router and discovery is None:  # `up`: tell a person what runs where
+        from pointsman.banner import banner
+
+        ready = banner
+    return _serve_supervisor(args, build, ready)
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -124,42 +145,31 @@ def cmd_dns(args: argparse.Namespace) -> int:
 
 
 def cmd_sidecar(args: argparse.Namespace) -> int:
-    from pointsman.sidecar_component import build_sidecar_supervisor, find_sidecar
+    from pointsman.sidecar_component import SidecarComponent, build_sidecar_supervisor, find_sidecar
 
-    try:
-        config = load_file(args.config)
-    except ConfigError as exc:
-        print(exc.render(), file=sys.stderr)
-        return 1
-    if find_sidecar(config, args.app) is None:
+    def check(config: Config) -> str | None:
+        if find_sidecar(config, args.app) is not None:
+            return None
         known = ", ".join(car.app for car in config.sidecars) or "none"
-        print(f"{args.config}: sidecars: no entry has app {args.app!r} ({known})", file=sys.stderr)
-        return 1
+        return f"{args.config}: sidecars: no entry has app {args.app!r} ({known})"
 
-    async def main() -> int:
-        supervisor, sidecar = build_sidecar_supervisor(
+    def build(config: Config) -> Supervisor:
+        supervisor, _ = build_sidecar_supervisor(
             config,
             args.config,
             args.app,
             drain_timeout=args.drain_timeout,
             watch_interval=None if args.no_watch else args.watch_interval,
         )
-        try:
-            await supervisor.start()
-        except ConfigError as exc:
-            print(exc.render(), file=sys.stderr)
-            return 1
-        # What the app is started with (`export` them); the logs go to stderr.
-        print("\n".join(sidecar.env()), flush=True)
-        return await supervisor.run_until_stopped()
+        return supervisor
 
-    try:
-        return _run(main)
-    except KeyboardInterrupt:
-        return 130
-    except Exception:
-        log.exception("pointsman stopped on an unexpected error")
-        return 1
+    def ready(supervisor: Supervisor) -> str:
+        # What the app is started with (`export` them); the logs go to stderr.
+        sidecar = supervisor.component("sidecar")
+        assert isinstance(sidecar, SidecarComponent)
+        return "\n".join(sidecar.env())
+
+    return _serve_supervisor(args, build, ready, check)
 
 
 # -- offline commands --------------------------------------------------------------------
