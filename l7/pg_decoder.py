@@ -287,6 +287,18 @@ class _Decoder:
             return None
         return self._msg_start
 
+    @property
+    def idle(self) -> bool:
+        """At a message boundary of the typed stream, not failed: a caller that parsed whole
+        messages itself may :meth:`advance` past them."""
+        return self._failed is None and self._mode == _TYPED and self._body_len < 0 and not self._skip and not self._buf
+
+    def advance(self, n: int) -> None:
+        """``n`` bytes of whole messages went past, parsed and checked by the caller (only
+        when :attr:`idle`): the offsets move on, no events."""
+        self.offset += n
+        self.ends = []
+
     def _set_mode(self, mode: str) -> None:
         if not self.at_boundary:
             raise ProtocolError(f"cannot expect a {mode} message in the middle of a message")

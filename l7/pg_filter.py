@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import json
 import logging
+import struct
 from collections import deque
 from collections.abc import Callable, Sequence
 
@@ -49,7 +50,7 @@ from l7.pg_context import PgContext, PgHooks
 from l7.pg_decoder import PgBackendDecoder, PgFrontendDecoder, report
 from l7.pg_refusal import extended_substitute, raise_statement, simple_substitute
 from l7.pg_splice import Splicer
-from l7.policy import Decision, policy_log_line
+from l7.policy import Decision, PolicyEngine, policy_log_line
 from l7.sql_session import PreparedStatements
 
 log = logging.getLogger("pointsman.sql")
@@ -117,6 +118,13 @@ class PgSession:
         self._cutting = 0  # units in the FIFO whose answers may need cutting
         self._backslash = False  # standard_conforming_strings = off
         self._keys: dict[str, tuple[str, ...]] = {}  # verb -> statements label key
+        self._dkeys: dict[str, tuple[str, ...]] = {}  # verb -> durations label key
+        # protocol statement -> the engine that allowed it outright (no rule, nothing observed,
+        # no time windows): its next Execute is counted without asking the engine again
+        self._allowed: dict[str, PolicyEngine] = {}
+        # the same for simple queries: id -> Statement allowed outright by _plain_engine
+        self._plain: dict[int, Statement] = {}
+        self._plain_engine: PolicyEngine | None = None
         self._pending_stmts: Sequence[Statement] = ()  # of the message held for a delay
         self._ended = False
 
@@ -126,15 +134,44 @@ class PgSession:
         if self._passthrough:
             self.to_server(data)
             return
-        self._out.add(data)
+        out, fdec = self._out, self._fdec
+        pos = 0
+        if (
+            type(data) is bytes
+            and not self._queue
+            and not self._paused
+            and not self._closed
+            and out.start == out.received
+            and not self._discard
+            and self._released is None
+            and fdec.idle
+        ):
+            if data[0] == 81 and self._fast_query(data):  # "Q"
+                return
+            pos, ops = self._scan_client(data)
+            if pos == len(data):
+                self._apply_client(ops)
+                fdec.advance(pos)
+                out.skip(pos)
+                self.to_server(data)
+                return
+            if pos:
+                fdec.advance(pos)
+        out.add(data)
         try:
-            events = self._fdec.feed(data)
+            events = fdec.feed(data[pos:] if pos else data)
         except ProtocolError as exc:
-            self._decode_failed("client", exc)
+            self._decode_failed("client", exc)  # what the fast path read is not applied either
             return
+        forward = 0
+        if pos:
+            # The fast path stopped at a message the general one must judge: what it read is
+            # applied now and goes on with the next write.
+            self._apply_client(ops)
+            forward = out.start + pos
         if events:
             self._queue.extend(zip(events, self._fdec.ends, strict=True))
-        self._pump()
+        self._pump(forward)
 
     def resume(self) -> None:
         """The rate-limit delay is over: send the held statement, go on with the rest."""
@@ -142,13 +179,12 @@ class PgSession:
         if not self._closed:
             self._pump()
 
-    def _pump(self) -> None:
+    def _pump(self, forward: int = 0) -> None:
         queue, out = self._queue, self._out
         self.ctx = self._context()
         # Messages that go on unchanged are written together, in one write, when something
         # else (a drop, a replacement, a pause) or the end of what arrived comes: a pipelined
-        # Bind/Execute/Sync is one send, not three.
-        forward = 0
+        # Bind/Execute/Sync is one send, not three. ``forward``: where such a run already ends.
         while queue and not self._paused:
             event, end = queue[0]
             verdict = self._client_event(event, end)
@@ -173,6 +209,88 @@ class PgSession:
         partial = self._fdec.partial_start
         out.forward_to(out.received if partial is None else partial)
 
+    def _fast_query(self, data: bytes) -> bool:
+        """A chunk that is exactly one whole Query, checked as the decoder would, decided as
+        :meth:`_pump` would; False (nothing done) for anything else."""
+        if len(data) < 6:
+            return False
+        _, length = _HEADER.unpack_from(data)
+        n = len(data)
+        if length + 1 != n or length > self._fdec.max_message_size or data.find(b"\0", 5) != n - 1:
+            return False
+        self.ctx = self._context()
+        fdec, out = self._fdec, self._out
+        text = data[5:-1].decode("utf-8", "replace")
+        verdict = self._query(text)
+        fdec.advance(n)
+        if verdict is None:  # held for a delay: queued as the general path would
+            out.add(data)
+            self._queue.append((m.Query(text), fdec.offset))
+            return True
+        out.skip(n)
+        self.to_server(data if verdict is _FORWARD else verdict)
+        return True
+
+    def _scan_client(self, data: bytes) -> tuple[int, list[tuple[int, str, str]]]:
+        """The common extended-protocol run (Bind, Describe, Execute of a statement already
+        allowed, Sync, Flush) read straight from the chunk, without message objects, each
+        message checked as the decoder would. Nothing is changed yet: returns where the run
+        stops (the end, or a message the general path takes) and what :meth:`_apply_client`
+        does for it, as :meth:`_client_event` would (every one of them is forwarded)."""
+        self.ctx = ctx = self._context()
+        engine = ctx.engine
+        pos, end = 0, len(data)
+        unpack, find = _HEADER.unpack_from, data.find
+        portals, parsed, allowed = self._portals, self._parsed, self._allowed
+        ops: list[tuple[int, str, str]] = []
+        bound: dict[str, str] = {}  # portals bound earlier in this chunk
+        while end - pos >= 5:
+            kind, length = unpack(data, pos)
+            stop = pos + 1 + length
+            if length < 4 or stop > end:
+                break
+            if kind == 66:  # Bind: portal cstring | statement cstring | ... (not read)
+                i = find(b"\0", pos + 5, stop)
+                j = find(b"\0", i + 1, stop) if i >= 0 else -1
+                if j < 0:
+                    break
+                portal = data[pos + 5 : i].decode("utf-8", "replace")
+                bound[portal] = stmt = data[i + 1 : j].decode("utf-8", "replace")
+                ops.append((66, portal, stmt))
+            elif kind == 69:  # Execute: portal cstring | max rows int32
+                i = find(b"\0", pos + 5, stop)
+                if i < 0 or stop != i + 5:
+                    break
+                portal = data[pos + 5 : i].decode("utf-8", "replace")
+                name = bound[portal] if portal in bound else portals.get(portal, "")
+                if name not in parsed or (engine is not None and allowed.get(name) is not engine):
+                    break
+                ops.append((69, name, ""))
+            elif kind == 68:  # Describe: kind byte S or P | name cstring
+                if length < 6 or data[pos + 5] not in _KINDS or find(b"\0", pos + 6, stop) != stop - 1:
+                    break
+                ops.append(_OP_DESCRIBE)
+            elif kind == 83 or kind == 72:  # Sync, Flush: empty
+                if length != 4:
+                    break
+                ops.append(_OP_SYNC if kind == 83 else _OP_FLUSH)
+            else:
+                break
+            pos = stop
+        return pos, ops
+
+    def _apply_client(self, ops: list[tuple[int, str, str]]) -> None:
+        portals, parsed = self._portals, self._parsed
+        for kind, a, b in ops:
+            unit = self._unit()
+            if kind == 66:  # Bind
+                unit.binds += 1
+                portals[a] = b
+            elif kind == 69:  # Execute: allowed before, counted
+                self._count(parsed[a], unit)
+            elif kind == 83:  # Sync (Describe and Flush only open the unit)
+                self._open = None
+
     def _client_event(self, ev: m.PgMessage, end: int) -> bytes | None:
         """The fate of one client message: _FORWARD, _DROP, replacement bytes, or None to
         stop here (paused for a delay, or closed)."""
@@ -184,7 +302,7 @@ class PgSession:
             return _FORWARD if isinstance(ev, m.Flush) else _DROP
         cls = type(ev)
         if cls is m.Query:
-            return self._query(ev)  # type: ignore[arg-type]
+            return self._query(ev.text)  # type: ignore[attr-defined]
         if cls is m.Bind:
             unit = self._unit()
             unit.binds += 1
@@ -205,6 +323,7 @@ class PgSession:
             self._unit()
             if ev.kind == "S":  # type: ignore[attr-defined]
                 self._parsed.pop(ev.name, None)  # type: ignore[attr-defined]
+                self._allowed.pop(ev.name, None)  # type: ignore[attr-defined]
             else:
                 self._portals.pop(ev.name, None)  # type: ignore[attr-defined]
             return _FORWARD
@@ -339,9 +458,23 @@ class PgSession:
             return None
         return d, stmts
 
-    def _query(self, ev: m.Query) -> bytes | None:
+    def _query(self, text: str) -> bytes | None:
         self._open = None  # a Query ends any extended run (the server would process it)
-        stmts = self._pending_stmts if self._released is not None else self._classify(ev.text)
+        held = self._released is not None
+        stmts = self._pending_stmts if held else self._classify(text)
+        engine = self.ctx.engine
+        plain = self._plain
+        if (
+            not held
+            and len(stmts) == 1
+            and engine is not None
+            and self._plain_engine is engine
+            and plain.get(id(stmts[0])) is stmts[0]
+        ):  # allowed outright before (see below): no need to ask again
+            unit = _Unit()
+            self._units.append(unit)
+            self._count(stmts, unit)
+            return _FORWARD
         verdict = self._enforced(stmts)
         if verdict is None:
             return None
@@ -350,6 +483,14 @@ class PgSession:
         self._units.append(unit)
         if d is not None and d.action == "deny":
             return simple_substitute(self._refuse(d, unit, stmts))
+        if not held and len(stmts) == 1 and _plain_allow(engine, d):
+            # The classifier's caches hand out the same Statement for texts that differ only
+            # in literals: remember it (held here, so its id is not reused) for this engine.
+            assert engine is not None
+            if self._plain_engine is not engine or len(plain) >= _PLAIN_MAX:
+                plain.clear()
+                self._plain_engine = engine
+            plain[id(stmts[0])] = stmts[0]
         self._count(stmts, unit)
         return _FORWARD
 
@@ -360,17 +501,25 @@ class PgSession:
         if d is not None and d.action == "deny":
             return self._substitute(unit, d, stmts)
         self._parsed[ev.statement] = stmts
+        self._allowed.pop(ev.statement, None)
         unit.parses += 1
         return _FORWARD
 
     def _execute(self, ev: m.Execute) -> bytes | None:
         unit = self._unit()
-        verdict = self._enforced(self._parsed.get(self._portals.get(ev.portal, ""), [OTHER]))
+        name = self._portals.get(ev.portal, "")
+        parsed = self._parsed.get(name)
+        held = self._released is not None
+        verdict = self._enforced(parsed if parsed is not None else [OTHER])
         if verdict is None:
             return None
         d, stmts = verdict
         if d is not None and d.action == "deny":
             return self._substitute(unit, d, stmts)
+        engine = self.ctx.engine
+        if parsed is not None and not held and _plain_allow(engine, d):
+            assert engine is not None
+            self._allowed[name] = engine  # the same answer every time: ask once
         self._count(stmts, unit)
         return _FORWARD
 
@@ -387,12 +536,26 @@ class PgSession:
         if self._passthrough:
             self.to_client(data)
             return
+        bdec = self._bdec
+        pos = 0
+        if not self._cutting and not self._back.pending and type(data) is bytes and bdec.idle:
+            pos = self._scan_server(data)
+            if pos == len(data):
+                self._apply_server(data, pos)
+                bdec.advance(pos)
+                self._back.skip(pos)
+                self.to_client(data)
+                return
+            if pos:
+                bdec.advance(pos)
         try:
-            events = self._bdec.feed(data)
+            events = bdec.feed(data[pos:] if pos else data)
         except ProtocolError as exc:
-            self._decode_failed("server", exc)
+            self._decode_failed("server", exc)  # what the fast path read is not applied either
             self.to_client(data)
             return
+        if pos:
+            self._apply_server(data, pos)  # in order: before the events of the rest
         back = self._back
         if not self._cutting and not back.pending:
             for ev in events:
@@ -411,6 +574,70 @@ class PgSession:
                     self.to_client(fate)
         partial = self._bdec.partial_start
         back.forward_to(back.received if partial is None or not self._cutting else partial)
+
+    def _scan_server(self, data: bytes) -> int:
+        """Where the run of common answers (ParseComplete, BindComplete, RowDescription,
+        DataRow, CommandComplete, ReadyForQuery, NoData, CloseComplete) at the start of the
+        chunk ends, each checked as the decoder would. Only while nothing is being cut: each
+        goes to the client as it is, :meth:`_apply_server` accounts for them."""
+        pos, end = 0, len(data)
+        unpack, find = _HEADER.unpack_from, data.find
+        while end - pos >= 5:
+            kind, length = unpack(data, pos)
+            stop = pos + 1 + length
+            if length < 4 or stop > end:
+                break
+            if kind == 68 or kind == 84:  # DataRow, RowDescription: passed through
+                pass
+            elif kind == 67:  # CommandComplete: tag cstring
+                if length > _MAX_FAST or find(b"\0", pos + 5, stop) != stop - 1:
+                    break
+            elif kind == 90:  # ReadyForQuery: status byte I, T or E
+                if length != 5 or data[pos + 5] not in _STATUS:
+                    break
+            elif kind == 50 or kind == 49 or kind == 110 or kind == 51:
+                if length != 4:  # BindComplete, ParseComplete, NoData, CloseComplete: empty
+                    break
+            else:
+                break
+            pos = stop
+        return pos
+
+    def _apply_server(self, data: bytes, end: int) -> None:
+        """Account for the messages :meth:`_scan_server` found in ``data[:end]``, as
+        :meth:`_server_event` would."""
+        pos = 0
+        unpack = _HEADER.unpack_from
+        units = self._units
+        while pos < end:
+            kind, length = unpack(data, pos)
+            stop = pos + 1 + length
+            if kind == 67:  # CommandComplete
+                if units and units[0].stmts:
+                    verb, sent = units[0].stmts.popleft()
+                    ctx = self.ctx
+                    key = self._dkeys.get(verb)
+                    if key is None:
+                        key = self._dkeys[verb] = (ctx.listener, self.app, verb)
+                    ctx.metrics.durations.observe(key, ctx.clock() - sent)
+                tag = data[pos + 5 : stop - 1]
+                if tag == b"COMMIT" or tag == b"ROLLBACK":
+                    outcome = "committed" if tag == b"COMMIT" else "rolled_back"
+                    self.ctx.metrics.transactions.inc((self.ctx.listener, self.app, outcome))
+            elif kind == 90:  # ReadyForQuery
+                self.status = _STATUS[data[pos + 5]]
+                if not self.ready:
+                    self.ready = True
+                elif units:
+                    unit = units.popleft()
+                    if unit.cuts:
+                        self._cutting -= 1
+            elif (kind == 50 or kind == 49) and units:  # nothing is being cut: only counted
+                if kind == 50:
+                    units[0].seen_binds += 1
+                else:
+                    units[0].seen_parses += 1
+            pos = stop
 
     def _server_event(self, ev: m.PgMessage) -> bool | bytes:
         """Account for one server message. False: it goes to the client as it is; True: it
@@ -498,6 +725,30 @@ class PgSession:
             self._ended = True
             self.ctx.metrics.active.inc((self.ctx.listener, self.app), -1)
         self._closed = True
+
+
+_HEADER = struct.Struct("!BI")  # type byte (as an int), length
+_STATUS = {73: "I", 84: "T", 69: "E"}
+_KINDS = b"SP"  # Describe / Close: statement or portal
+_OP_DESCRIBE, _OP_SYNC, _OP_FLUSH = (68, "", ""), (83, "", ""), (72, "", "")
+_MAX_FAST = 1 << 20  # longer messages go through the decoder (and its size cap)
+
+
+_PLAIN_MAX = 256  # statements remembered per session as allowed outright
+
+
+def _plain_allow(engine: PolicyEngine | None, d: Decision | None) -> bool:
+    """Whether ``d`` will be the engine's answer for the same statements at any time: a plain
+    allow (no rule decided, nothing observed: no counter, no log line) from rules without
+    time windows."""
+    return (
+        engine is not None
+        and engine.timeless
+        and d is not None
+        and d.action == "allow"
+        and d.rule is None
+        and not d.observed
+    )
 
 
 class _Marker(bytes):

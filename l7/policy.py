@@ -157,6 +157,9 @@ class PolicyEngine:
             raise ValueError("policy names must be unique")
         self._rules = tuple(_Rule(r) for r in rules)
         self.enforcing = any(_refuses(r) for r in rules)  # some rule can refuse or hold a statement
+        # No rule has a time window: a plain allow (no rule, nothing observed) for given
+        # statements and identity is the same at any time, so a session may remember it.
+        self.timeless = all(r.when is None for r in rules)
         self._buckets: dict[tuple[str, str], _Bucket] = {}
 
     def decide(self, statement: Statement, app: str, user: str, database: str, now: float) -> Decision:
