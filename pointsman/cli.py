@@ -48,8 +48,7 @@ from router.config import format_address, parse_address
 from scheduler.config import effective_nodes
 from scheduler.errors import SpecError
 from scheduler.model import Plan
-from scheduler.plan import place_into
-from scheduler.reconciler import placement_order
+from scheduler.plan import place_into, placement_order
 from scheduler.state import ClusterState
 
 log = logging.getLogger("pointsman")

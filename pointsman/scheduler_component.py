@@ -24,7 +24,8 @@ from scheduler.api import scheduler_routes
 from scheduler.driver import Driver, DriverError
 from scheduler.drivers.process import ProcessDriver
 from scheduler.netns import NetworkNamespaces
-from scheduler.reconciler import Reconciler, Sidecar
+from scheduler.reconciler import Reconciler
+from scheduler.records import Sidecar
 
 if TYPE_CHECKING:
     from aiohttp import web

@@ -27,7 +27,8 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from scheduler.config import JobConfig, check_declarations
-from scheduler.reconciler import Alloc, Reconciler
+from scheduler.reconciler import Reconciler
+from scheduler.records import Alloc
 
 DEFAULT_TAIL = 64 * 1024
 

@@ -375,3 +375,26 @@ def _over_capacity(
         over_cpu -= allocs[pick].resources.cpu
         over_mem -= allocs[pick].resources.memory
     return reason, evicted
+
+
+def placement_order(jobs: Sequence[Job], wanted: str | None = None) -> list[Job]:
+    """Jobs an affinity is `near` go before the jobs naming them (else declaration order); with
+    `wanted`, only that job and what it is near (transitively)."""
+    by_name = {job.name: job for job in jobs}
+    order: list[Job] = []
+    state: dict[str, int] = {}  # 1 = visiting, 2 = done; a cycle falls back to declaration order
+
+    def visit(job: Job) -> None:
+        if state.get(job.name):
+            return
+        state[job.name] = 1
+        for affinity in job.affinity:
+            target = by_name.get(affinity.near)
+            if target is not None and affinity.weight > 0:
+                visit(target)
+        state[job.name] = 2
+        order.append(job)
+
+    for job in jobs if wanted is None else [by_name[wanted]]:
+        visit(job)
+    return order

@@ -37,12 +37,11 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import json
 import logging
 import re
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Literal
 
@@ -51,45 +50,20 @@ from discovery.store import Store
 from scheduler.config import JobConfig, NodeConfig, effective_nodes
 from scheduler.driver import Driver, DriverError, TaskExit, TaskHandle, TaskSpec
 from scheduler.model import PORT_RANGE, Allocation, Job, Node, Resources
-from scheduler.plan import check_allocations, place_into
+from scheduler.plan import check_allocations, place_into, placement_order
+from scheduler.records import ALLOCS, JOBS, Alloc, JobEntry, Sidecar, Unplaced
 from scheduler.state import ClusterState
 from units import format_duration
 
 log = logging.getLogger("pointsman.scheduler")
 
-ALLOCS = "scheduler/allocs/"
-JOBS = "scheduler/jobs/"
 # After an event, wait this long for more before reconciling (a burst of catalog changes).
 DEBOUNCE = 0.05
 # Ended allocations kept for `GET /allocations` (the store keeps live ones only).
 HISTORY = 100
 
-Desired = Literal["run", "stop"]
 _UPSTREAM_RE = re.compile(r"\$(\$?)\{upstream:([^}]*)\}")
 _BUILTIN_RE = re.compile(r"\$(\$?)\{(CONFIG_DIR|STATE_DIR)\}")
-
-
-def placement_order(jobs: Sequence[Job], wanted: str | None = None) -> list[Job]:
-    """Jobs an affinity is `near` go before the jobs naming them (else declaration order); with
-    `wanted`, only that job and what it is near (transitively)."""
-    by_name = {job.name: job for job in jobs}
-    order: list[Job] = []
-    state: dict[str, int] = {}  # 1 = visiting, 2 = done; a cycle falls back to declaration order
-
-    def visit(job: Job) -> None:
-        if state.get(job.name):
-            return
-        state[job.name] = 1
-        for affinity in job.affinity:
-            target = by_name.get(affinity.near)
-            if target is not None and affinity.weight > 0:
-                visit(target)
-        state[job.name] = 2
-        order.append(job)
-
-    for job in jobs if wanted is None else [by_name[wanted]]:
-        visit(job)
-    return order
 
 
 def listening_ports(paths: Sequence[str] = ("/proc/net/tcp", "/proc/net/tcp6")) -> frozenset[int]:
@@ -106,103 +80,6 @@ def listening_ports(paths: Sequence[str] = ("/proc/net/tcp", "/proc/net/tcp6")) 
         except OSError:
             continue
     return frozenset(ports)
-
-
-@dataclass
-class Alloc:
-    """One allocation: where an instance of a job version runs, and how it is doing.
-
-    Persisted fields are written to the store on every change of `desired` or `status`; the
-    runtime ones (health, timestamps on the monotonic clock) are rebuilt after a restart.
-    """
-
-    id: str
-    job: str
-    version: str
-    node: str
-    index: int
-    cpu: float
-    memory: int
-    ports: dict[str, int]
-    spec: dict[str, Any]  # the JobConfig of this version, as JSON: restarts run what was placed
-    eval_id: str = ""
-    desired: Desired = "run"
-    # pending, starting, running, restarting, failed, stopping, stopped, lost
-    status: str = "pending"
-    message: str = ""
-    address: str = ""
-    handle: dict[str, Any] | None = None
-    restarts: int = 0
-    last_exit: str = ""
-    created_at: float = field(default_factory=time.time)
-    # runtime only
-    health: str | None = field(default=None, repr=False)
-    healthy_since: float | None = field(default=None, repr=False)
-    unhealthy_since: float | None = field(default=None, repr=False)
-    run_started: float | None = field(default=None, repr=False)
-    restart_times: list[float] = field(default_factory=list, repr=False)  # within restart.interval
-    registered: bool = field(default=False, repr=False)
-    kick: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
-    kick_reason: str = field(default="", repr=False)
-    runner: asyncio.Task[None] | None = field(default=None, repr=False)
-
-    _PERSISTED = (
-        *("id", "job", "version", "node", "index", "cpu", "memory", "ports", "spec", "eval_id"),
-        *("desired", "status", "message", "address", "handle", "restarts", "last_exit", "created_at"),
-    )
-
-    def to_json(self) -> bytes:
-        return json.dumps({name: getattr(self, name) for name in self._PERSISTED}, sort_keys=True).encode()
-
-    @classmethod
-    def from_json(cls, data: bytes) -> Alloc:
-        raw = json.loads(data)
-        return cls(**{name: raw[name] for name in cls._PERSISTED if name in raw})
-
-    @property
-    def config(self) -> JobConfig:
-        return JobConfig.model_validate(self.spec)
-
-    def allocation(self) -> Allocation:
-        return Allocation(
-            self.id, self.job, self.version, self.node, self.index, Resources(self.cpu, self.memory), dict(self.ports)
-        )
-
-    def describe(self) -> dict[str, Any]:
-        out = {name: getattr(self, name) for name in self._PERSISTED if name != "spec"}
-        out["health"] = self.health
-        out["limits"] = (self.handle or {}).get("limits")
-        return out
-
-
-@dataclass(frozen=True)
-class Sidecar:
-    """A local listener of one allocation (`upstreams:`): 127.0.0.1:`local_port` forwards to
-    `service`'s `port` through the router, and carries the instance's identity."""
-
-    alloc_id: str
-    job: str
-    version: str
-    node: str
-    service: str
-    port: str
-    protocol: str
-    local_port: int
-    policies: tuple[str, ...] = ()
-
-
-@dataclass
-class JobEntry:
-    config: JobConfig
-    source: Literal["config", "api"]
-
-
-@dataclass
-class Unplaced:
-    """Instances of a job that fit nowhere, and Nomad-style reasons."""
-
-    count: int
-    explanation: str
 
 
 class Reconciler:

@@ -23,7 +23,8 @@ from discovery.registry import Registry
 from discovery.store_sqlite import SqliteStore
 from scheduler.config import JobConfig, NodeConfig
 from scheduler.drivers.process import ProcessDriver, proc_starttime
-from scheduler.reconciler import ALLOCS, Alloc, Reconciler
+from scheduler.reconciler import Reconciler
+from scheduler.records import ALLOCS, Alloc
 from tests.support import wait_until
 
 # Ports of this test run: runs side by side (two checkouts, a helper's run) never share one.
