@@ -440,6 +440,16 @@ def _address(text: str) -> tuple[str, int]:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _admin_target(parser: argparse.ArgumentParser) -> None:
+    """--admin HOST:PORT or --config FILE: which running instance a client command talks to
+    (resolved by `_admin_address`)."""
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument(
+        "--admin", type=_address, metavar="HOST:PORT", help="the instance's admin API (default: 127.0.0.1:9901)"
+    )
+    where.add_argument("--config", metavar="FILE", help="read the admin address from this file's admin.listen")
+
+
 def build_parser() -> argparse.ArgumentParser:
     # --log-level is accepted before or after the subcommand; SUPPRESS keeps the
     # subcommand's copy from overwriting a value given before it.
@@ -509,11 +519,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.set_defaults(func=cmd_plan)
 
     reload = commands.add_parser("reload", help="make a running instance reload its config file", parents=[common])
-    where = reload.add_mutually_exclusive_group()
-    where.add_argument(
-        "--admin", type=_address, metavar="HOST:PORT", help="the instance's admin API (default: 127.0.0.1:9901)"
-    )
-    where.add_argument("--config", metavar="FILE", help="read the admin address from this file's admin.listen")
+    _admin_target(reload)
     reload.set_defaults(func=cmd_reload)
 
     top = commands.add_parser(
@@ -522,11 +528,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="A live view of a running instance's SQL listeners, from its GET /sql/stats.",
         parents=[common],
     )
-    where = top.add_mutually_exclusive_group()
-    where.add_argument(
-        "--admin", type=_address, metavar="HOST:PORT", help="the instance's admin API (default: 127.0.0.1:9901)"
-    )
-    where.add_argument("--config", metavar="FILE", help="read the admin address from this file's admin.listen")
+    _admin_target(top)
     top.add_argument(
         "--interval",
         type=_interval,
@@ -545,11 +547,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Exit 1 if the admin API cannot be reached.",
         parents=[common],
     )
-    where = status.add_mutually_exclusive_group()
-    where.add_argument(
-        "--admin", type=_address, metavar="HOST:PORT", help="the instance's admin API (default: 127.0.0.1:9901)"
-    )
-    where.add_argument("--config", metavar="FILE", help="read the admin address from this file's admin.listen")
+    _admin_target(status)
     status.add_argument(
         "--json", action="store_true", help="one JSON object {jobs, allocations, services, listeners, clusters, reload}"
     )
@@ -565,11 +563,7 @@ def build_parser() -> argparse.ArgumentParser:
     logs.add_argument("--stderr", action="store_true", help="stderr instead of stdout")
     logs.add_argument("--tail", type=int, default=64 * 1024, metavar="BYTES", help="last BYTES only (0: all)")
     logs.add_argument("-f", "--follow", action="store_true", help="keep printing what the task writes")
-    where = logs.add_mutually_exclusive_group()
-    where.add_argument(
-        "--admin", type=_address, metavar="HOST:PORT", help="the instance's admin API (default: 127.0.0.1:9901)"
-    )
-    where.add_argument("--config", metavar="FILE", help="read the admin address from this file's admin.listen")
+    _admin_target(logs)
     logs.set_defaults(func=cmd_logs)
     return parser
 
