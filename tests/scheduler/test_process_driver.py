@@ -17,8 +17,9 @@ from pathlib import Path
 
 import pytest
 
+from scheduler.cgroups import CPU_PERIOD, CgroupV1, CgroupV2
 from scheduler.driver import DriverError, TaskSpec, expand, expand_spec, task_variables
-from scheduler.drivers.process import CPU_PERIOD, CgroupV1, CgroupV2, ProcessDriver, proc_starttime
+from scheduler.drivers.process import ProcessDriver, proc_starttime
 
 PY = sys.executable
 READY = "print('ready', flush=True); "
