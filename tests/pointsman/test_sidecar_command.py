@@ -10,7 +10,6 @@ import os
 import re
 import signal
 import socket
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -20,40 +19,10 @@ import pytest
 
 from tests.pgserver import DATABASE, SUPERUSER, PgServer
 from tests.pointsman.harness import eventually, pointsman, run_cli, up_args, write_config
-from tests.pointsman.test_scheduler_up import PORT_BASE, _allocs, _pid
-from tests.pointsman.test_sidecars import ECHO
+from tests.pointsman.test_scheduler_up import _allocs, _pid
+from tests.pointsman.test_sidecars import upstreams_platform
 
 ENV_LINE = re.compile(r"^([A-Z][A-Z0-9_]*)=(\S+)$")
-
-
-def _up_config(state: Path, pg: PgServer) -> dict[str, Any]:
-    limits = {"cpu": 0.1, "memory": "64Mi"}
-    return {
-        "admin": {"listen": "127.0.0.1:0"},
-        "discovery": {
-            "state_dir": str(state),
-            "services": [
-                {"name": "pg", "instances": [{"id": "pg-1", "address": "127.0.0.1", "ports": {"postgres": pg.port}}]}
-            ],
-        },
-        "nodes": [{"name": "local", "reserved_ports": list(range(20000, PORT_BASE))}],
-        "jobs": [
-            {
-                "name": "echo",
-                "command": [sys.executable, "-c", ECHO],
-                "ports": ["tcp"],
-                "resources": limits,
-                "health": {"port": "tcp", "interval": "0.2s", "grace": "5s"},
-            },
-            {
-                "name": "web",
-                "command": [sys.executable, "-m", "http.server", "${PORT_HTTP}", "--bind", "${HOST}"],
-                "ports": ["http"],
-                "resources": limits,
-                "health": {"http": "/", "port": "http", "interval": "0.2s", "grace": "5s"},
-            },
-        ],
-    }
 
 
 def _free_port() -> int:
@@ -120,7 +89,7 @@ async def _status(http: aiohttp.ClientSession, url: str) -> int:
 
 async def test_sidecar_follows_a_remote_registry(tmp_path: Path, pg_server: PgServer) -> None:
     up_file = tmp_path / "up.yaml"
-    up_data = _up_config(tmp_path / "state", pg_server)
+    up_data = upstreams_platform(tmp_path / "state", pg_server)
     write_config(up_file, up_data)
     orphans: list[int] = []
     try:

@@ -50,7 +50,9 @@ time.sleep(600)
 """
 
 
-def _config(state: Path, pg: PgServer, client_count: int = 1) -> dict[str, Any]:
+def upstreams_platform(state: Path, pg: PgServer) -> dict[str, Any]:
+    """A `pointsman up` with what the sidecars here point at: a TCP echo job, an HTTP job and a
+    static `pg` service (the session's PostgreSQL)."""
     limits = {"cpu": 0.1, "memory": "64Mi"}
     return {
         "admin": {"listen": "127.0.0.1:0"},
@@ -61,7 +63,6 @@ def _config(state: Path, pg: PgServer, client_count: int = 1) -> dict[str, Any]:
             ],
         },
         "nodes": [{"name": "local", "reserved_ports": list(range(20000, PORT_BASE))}],
-        "policies": [{"name": "no-drop", "match": {"verbs": ["DROP"]}, "action": "deny"}],
         "jobs": [
             {
                 "name": "echo",
@@ -77,22 +78,30 @@ def _config(state: Path, pg: PgServer, client_count: int = 1) -> dict[str, Any]:
                 "resources": limits,
                 "health": {"http": "/", "port": "http", "interval": "0.2s", "grace": "5s"},
             },
-            {
-                "name": "client",
-                "command": [sys.executable, "-c", CLIENT, SUPERUSER, DATABASE],
-                "count": client_count,
-                "resources": limits,
-                "upstreams": [
-                    {"service": "echo", "protocol": "tcp"},
-                    {"service": "web", "protocol": "http"},
-                    {"service": "pg", "port": "postgres", "protocol": "postgres", "policies": ["no-drop"]},
-                ],
-                # Until echo and web pass their checks the router has no endpoint for them:
-                # the client fails and is restarted, as an app started early would be.
-                "restart": {"attempts": 30, "delay": "0.3s", "max_delay": "0.5s"},
-            },
         ],
     }
+
+
+def _config(state: Path, pg: PgServer, client_count: int = 1) -> dict[str, Any]:
+    data = upstreams_platform(state, pg)
+    data["policies"] = [{"name": "no-drop", "match": {"verbs": ["DROP"]}, "action": "deny"}]
+    data["jobs"].append(
+        {
+            "name": "client",
+            "command": [sys.executable, "-c", CLIENT, SUPERUSER, DATABASE],
+            "count": client_count,
+            "resources": {"cpu": 0.1, "memory": "64Mi"},
+            "upstreams": [
+                {"service": "echo", "protocol": "tcp"},
+                {"service": "web", "protocol": "http"},
+                {"service": "pg", "port": "postgres", "protocol": "postgres", "policies": ["no-drop"]},
+            ],
+            # Until echo and web pass their checks the router has no endpoint for them:
+            # the client fails and is restarted, as an app started early would be.
+            "restart": {"attempts": 30, "delay": "0.3s", "max_delay": "0.5s"},
+        }
+    )
+    return data
 
 
 async def test_sidecars_point_an_app_at_its_upstreams_with_its_identity(tmp_path: Path, pg_server: PgServer) -> None:
