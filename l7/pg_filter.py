@@ -613,31 +613,39 @@ class PgSession:
             kind, length = unpack(data, pos)
             stop = pos + 1 + length
             if kind == 67:  # CommandComplete
-                if units and units[0].stmts:
-                    verb, sent = units[0].stmts.popleft()
-                    ctx = self.ctx
-                    key = self._dkeys.get(verb)
-                    if key is None:
-                        key = self._dkeys[verb] = (ctx.listener, self.app, verb)
-                    ctx.metrics.durations.observe(key, ctx.clock() - sent)
-                tag = data[pos + 5 : stop - 1]
-                if tag == b"COMMIT" or tag == b"ROLLBACK":
-                    outcome = "committed" if tag == b"COMMIT" else "rolled_back"
-                    self.ctx.metrics.transactions.inc((self.ctx.listener, self.app, outcome))
+                self._command_complete(_OUTCOMES.get(data[pos + 5 : stop - 1]))
             elif kind == 90:  # ReadyForQuery
-                self.status = _STATUS[data[pos + 5]]
-                if not self.ready:
-                    self.ready = True
-                elif units:
-                    unit = units.popleft()
-                    if unit.cuts:
-                        self._cutting -= 1
+                self._ready_for_query(_STATUS[data[pos + 5]])
             elif (kind == 50 or kind == 49) and units:  # nothing is being cut: only counted
                 if kind == 50:
                     units[0].seen_binds += 1
                 else:
                     units[0].seen_parses += 1
             pos = stop
+
+    def _command_complete(self, outcome: str | None) -> None:
+        """A statement's answer is complete: its latency, and a transaction's end (`outcome`)."""
+        units = self._units
+        ctx = self.ctx
+        if units and units[0].stmts:
+            verb, sent = units[0].stmts.popleft()
+            key = self._dkeys.get(verb)
+            if key is None:
+                key = self._dkeys[verb] = (ctx.listener, self.app, verb)
+            ctx.metrics.durations.observe(key, ctx.clock() - sent)
+        if outcome is not None:
+            ctx.metrics.transactions.inc((ctx.listener, self.app, outcome))
+
+    def _ready_for_query(self, status: str) -> None:
+        """The server is ready: the transaction status, and the end of the oldest unit."""
+        self.status = status
+        units = self._units
+        if not self.ready:
+            self.ready = True
+        elif units:
+            unit = units.popleft()
+            if unit.cuts:
+                self._cutting -= 1
 
     def _server_event(self, ev: m.PgMessage) -> bool | bytes:
         """Account for one server message. False: it goes to the client as it is; True: it
@@ -647,23 +655,10 @@ class PgSession:
             return False
         units = self._units
         if cls is m.CommandComplete:
-            if units and units[0].stmts:
-                verb, sent = units[0].stmts.popleft()
-                ctx = self.ctx
-                ctx.metrics.durations.observe((ctx.listener, self.app, verb), ctx.clock() - sent)
-            tag = ev.tag  # type: ignore[attr-defined]
-            if tag == "COMMIT" or tag == "ROLLBACK":
-                outcome = "committed" if tag == "COMMIT" else "rolled_back"
-                self.ctx.metrics.transactions.inc((self.ctx.listener, self.app, outcome))
+            self._command_complete(_OUTCOMES.get(ev.tag))  # type: ignore[attr-defined]
             return False
         if cls is m.ReadyForQuery:
-            self.status = ev.status  # type: ignore[attr-defined]
-            if not self.ready:
-                self.ready = True
-            elif units:
-                unit = units.popleft()
-                if unit.cuts:
-                    self._cutting -= 1
+            self._ready_for_query(ev.status)  # type: ignore[attr-defined]
             return False
         if cls is m.ParseComplete or cls is m.BindComplete:
             if not units:
@@ -729,6 +724,13 @@ class PgSession:
 
 _HEADER = struct.Struct("!BI")  # type byte (as an int), length
 _STATUS = {73: "I", 84: "T", 69: "E"}
+# CommandComplete tags that end a transaction, as decoded text and as raw bytes (fast path).
+_OUTCOMES: dict[str | bytes, str] = {
+    "COMMIT": "committed",
+    "ROLLBACK": "rolled_back",
+    b"COMMIT": "committed",
+    b"ROLLBACK": "rolled_back",
+}
 _KINDS = b"SP"  # Describe / Close: statement or portal
 _OP_DESCRIBE, _OP_SYNC, _OP_FLUSH = (68, "", ""), (83, "", ""), (72, "", "")
 _MAX_FAST = 1 << 20  # longer messages go through the decoder (and its size cap)
