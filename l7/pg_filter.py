@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import json
 import logging
-import struct
 from collections import deque
 from collections.abc import Callable, Sequence
 
@@ -49,6 +48,7 @@ from l7.model import Statement
 from l7.pg_context import PgContext, PgHooks
 from l7.pg_decoder import PgBackendDecoder, PgFrontendDecoder, report
 from l7.pg_refusal import extended_substitute, raise_statement, simple_substitute
+from l7.pg_scan import HEADER, STATUS, scan_client, scan_server
 from l7.pg_splice import Splicer
 from l7.policy import Decision, PolicyEngine, policy_log_line
 from l7.sql_session import PreparedStatements
@@ -214,7 +214,7 @@ class PgSession:
         :meth:`_pump` would; False (nothing done) for anything else."""
         if len(data) < 6:
             return False
-        _, length = _HEADER.unpack_from(data)
+        _, length = HEADER.unpack_from(data)
         n = len(data)
         if length + 1 != n or length > self._fdec.max_message_size or data.find(b"\0", 5) != n - 1:
             return False
@@ -232,52 +232,10 @@ class PgSession:
         return True
 
     def _scan_client(self, data: bytes) -> tuple[int, list[tuple[int, str, str]]]:
-        """The common extended-protocol run (Bind, Describe, Execute of a statement already
-        allowed, Sync, Flush) read straight from the chunk, without message objects, each
-        message checked as the decoder would. Nothing is changed yet: returns where the run
-        stops (the end, or a message the general path takes) and what :meth:`_apply_client`
-        does for it, as :meth:`_client_event` would (every one of them is forwarded)."""
+        """The fast run at the start of the chunk (see `pg_scan.scan_client`), judged against
+        this session's statements and the current policy engine."""
         self.ctx = ctx = self._context()
-        engine = ctx.engine
-        pos, end = 0, len(data)
-        unpack, find = _HEADER.unpack_from, data.find
-        portals, parsed, allowed = self._portals, self._parsed, self._allowed
-        ops: list[tuple[int, str, str]] = []
-        bound: dict[str, str] = {}  # portals bound earlier in this chunk
-        while end - pos >= 5:
-            kind, length = unpack(data, pos)
-            stop = pos + 1 + length
-            if length < 4 or stop > end:
-                break
-            if kind == 66:  # Bind: portal cstring | statement cstring | ... (not read)
-                i = find(b"\0", pos + 5, stop)
-                j = find(b"\0", i + 1, stop) if i >= 0 else -1
-                if j < 0:
-                    break
-                portal = data[pos + 5 : i].decode("utf-8", "replace")
-                bound[portal] = stmt = data[i + 1 : j].decode("utf-8", "replace")
-                ops.append((66, portal, stmt))
-            elif kind == 69:  # Execute: portal cstring | max rows int32
-                i = find(b"\0", pos + 5, stop)
-                if i < 0 or stop != i + 5:
-                    break
-                portal = data[pos + 5 : i].decode("utf-8", "replace")
-                name = bound[portal] if portal in bound else portals.get(portal, "")
-                if name not in parsed or (engine is not None and allowed.get(name) is not engine):
-                    break
-                ops.append((69, name, ""))
-            elif kind == 68:  # Describe: kind byte S or P | name cstring
-                if length < 6 or data[pos + 5] not in _KINDS or find(b"\0", pos + 6, stop) != stop - 1:
-                    break
-                ops.append(_OP_DESCRIBE)
-            elif kind == 83 or kind == 72:  # Sync, Flush: empty
-                if length != 4:
-                    break
-                ops.append(_OP_SYNC if kind == 83 else _OP_FLUSH)
-            else:
-                break
-            pos = stop
-        return pos, ops
+        return scan_client(data, ctx.engine, self._portals, self._parsed, self._allowed)
 
     def _apply_client(self, ops: list[tuple[int, str, str]]) -> None:
         portals, parsed = self._portals, self._parsed
@@ -539,7 +497,7 @@ class PgSession:
         bdec = self._bdec
         pos = 0
         if not self._cutting and not self._back.pending and type(data) is bytes and bdec.idle:
-            pos = self._scan_server(data)
+            pos = scan_server(data)
             if pos == len(data):
                 self._apply_server(data, pos)
                 bdec.advance(pos)
@@ -575,39 +533,11 @@ class PgSession:
         partial = self._bdec.partial_start
         back.forward_to(back.received if partial is None or not self._cutting else partial)
 
-    def _scan_server(self, data: bytes) -> int:
-        """Where the run of common answers (ParseComplete, BindComplete, RowDescription,
-        DataRow, CommandComplete, ReadyForQuery, NoData, CloseComplete) at the start of the
-        chunk ends, each checked as the decoder would. Only while nothing is being cut: each
-        goes to the client as it is, :meth:`_apply_server` accounts for them."""
-        pos, end = 0, len(data)
-        unpack, find = _HEADER.unpack_from, data.find
-        while end - pos >= 5:
-            kind, length = unpack(data, pos)
-            stop = pos + 1 + length
-            if length < 4 or stop > end:
-                break
-            if kind == 68 or kind == 84:  # DataRow, RowDescription: passed through
-                pass
-            elif kind == 67:  # CommandComplete: tag cstring
-                if length > _MAX_FAST or find(b"\0", pos + 5, stop) != stop - 1:
-                    break
-            elif kind == 90:  # ReadyForQuery: status byte I, T or E
-                if length != 5 or data[pos + 5] not in _STATUS:
-                    break
-            elif kind == 50 or kind == 49 or kind == 110 or kind == 51:
-                if length != 4:  # BindComplete, ParseComplete, NoData, CloseComplete: empty
-                    break
-            else:
-                break
-            pos = stop
-        return pos
-
     def _apply_server(self, data: bytes, end: int) -> None:
         """Account for the messages :meth:`_scan_server` found in ``data[:end]``, as
         :meth:`_server_event` would."""
         pos = 0
-        unpack = _HEADER.unpack_from
+        unpack = HEADER.unpack_from
         units = self._units
         while pos < end:
             kind, length = unpack(data, pos)
@@ -615,7 +545,7 @@ class PgSession:
             if kind == 67:  # CommandComplete
                 self._command_complete(_OUTCOMES.get(data[pos + 5 : stop - 1]))
             elif kind == 90:  # ReadyForQuery
-                self._ready_for_query(_STATUS[data[pos + 5]])
+                self._ready_for_query(STATUS[data[pos + 5]])
             elif (kind == 50 or kind == 49) and units:  # nothing is being cut: only counted
                 if kind == 50:
                     units[0].seen_binds += 1
@@ -722,8 +652,6 @@ class PgSession:
         self._closed = True
 
 
-_HEADER = struct.Struct("!BI")  # type byte (as an int), length
-_STATUS = {73: "I", 84: "T", 69: "E"}
 # CommandComplete tags that end a transaction, as decoded text and as raw bytes (fast path).
 _OUTCOMES: dict[str | bytes, str] = {
     "COMMIT": "committed",
@@ -731,9 +659,6 @@ _OUTCOMES: dict[str | bytes, str] = {
     b"COMMIT": "committed",
     b"ROLLBACK": "rolled_back",
 }
-_KINDS = b"SP"  # Describe / Close: statement or portal
-_OP_DESCRIBE, _OP_SYNC, _OP_FLUSH = (68, "", ""), (83, "", ""), (72, "", "")
-_MAX_FAST = 1 << 20  # longer messages go through the decoder (and its size cap)
 
 
 _PLAIN_MAX = 256  # statements remembered per session as allowed outright
