@@ -8,12 +8,18 @@ CONFIG ?= configs/demo.yaml
 .PHONY: run test deps lint typecheck bench clean
 
 # Programs from Debian's packages, as CHECK:PACKAGE (see the script): a real PostgreSQL for the
-# tests (server binaries, psql, pgbench), openssl (test certificates), dig (DNS tests) and
-# prometheus (the end-to-end metrics test runs its own on a free port).
+# tests (server binaries, psql, pgbench), a real MariaDB (mariadbd, mariadb-install-db and the
+# auth_ed25519 plugin from mariadb-server; the mariadb CLI and mysqlslap from mariadb-client;
+# tests/mysqlserver.py runs its own, the packaged service is stopped after install), openssl
+# (test certificates), dig (DNS tests) and prometheus (the end-to-end metrics test runs its own
+# on a free port).
 # Installed when missing and we are root; otherwise the script says what is missing and the
 # tests needing it skip.
 DEBIAN_DEPS := '/usr/lib/postgresql/*/bin/initdb:postgresql' '/usr/lib/postgresql/*/bin/postgres:postgresql' \
-	psql:postgresql-client pgbench:postgresql-client openssl:openssl dig:bind9-dnsutils prometheus:prometheus
+	psql:postgresql-client pgbench:postgresql-client \
+	/usr/sbin/mariadbd:mariadb-server /usr/bin/mariadb-install-db:mariadb-server \
+	mariadb:mariadb-client mysqlslap:mariadb-client \
+	openssl:openssl dig:bind9-dnsutils prometheus:prometheus
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)

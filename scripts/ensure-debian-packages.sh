@@ -20,7 +20,9 @@
 # it alone. Debian's prometheus package likewise starts a server on :9090 when it can; the
 # tests run their own on a free port (tests/pointsman/test_prometheus.py), so when this script
 # has just installed it, the packaged service is stopped if the install started it (see
-# STOP_AFTER_INSTALL). A prometheus installed before is never touched.
+# STOP_AFTER_INSTALL). A prometheus installed before is never touched. The same goes for
+# Debian's mariadb-server, which starts a server on :3306 (the "mariadb" service): the tests
+# run their own on a free port (tests/mysqlserver.py).
 
 set -euo pipefail
 
@@ -29,8 +31,9 @@ say() {
 }
 
 # Packages whose install starts a system service that nothing here uses (it would only hold a
-# port and memory): stopped when this script has just installed them.
-STOP_AFTER_INSTALL=(prometheus)
+# port and memory): stopped when this script has just installed them. PACKAGE, or
+# PACKAGE:SERVICE when the service has another name.
+STOP_AFTER_INSTALL=(prometheus mariadb-server:mariadb)
 
 # stop_service NAME: stop the service NAME if it runs (systemd, else its init script).
 stop_service() {
@@ -102,7 +105,9 @@ for check in "${missing[@]}"; do
     present "$check" || say "warning: $check is still missing after installing ${packages[*]}"
 done
 for package in "${packages[@]}"; do
-    if [[ " ${STOP_AFTER_INSTALL[*]} " == *" $package "* ]]; then
-        stop_service "$package"
-    fi
+    for entry in "${STOP_AFTER_INSTALL[@]}"; do
+        if [[ "${entry%%:*}" == "$package" ]]; then
+            stop_service "${entry#*:}"
+        fi
+    done
 done

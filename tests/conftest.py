@@ -6,6 +6,7 @@ from collections.abc import Callable, Iterator, Mapping
 
 import pytest
 
+from tests.mysqlserver import MySqlServer, find_binaries
 from tests.pgserver import PgServer, find_bin_dir
 
 try:
@@ -34,6 +35,20 @@ def pg_server() -> Iterator[PgServer]:
             pytest.fail(f"CI is set and {message}", pytrace=False)
         pytest.skip(message)
     with PgServer() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def mysql_server() -> Iterator[MySqlServer]:
+    """A throwaway MariaDB (tests/mysqlserver.py), started on first use (~0.6 s), stopped and
+    deleted at the end of the session. Skipped without the MariaDB binaries, failed under CI,
+    like pg_server."""
+    if find_binaries() is None:
+        message = "no MariaDB binaries (apt-get install mariadb-server mariadb-client, or set MARIADB_BIN)"
+        if os.environ.get("CI"):
+            pytest.fail(f"CI is set and {message}", pytrace=False)
+        pytest.skip(message)
+    with MySqlServer() as server:
         yield server
 
 
