@@ -40,3 +40,26 @@ class Statement:
     @property
     def is_known(self) -> bool:
         return self.verb != "OTHER"
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """Who is on the client side of a connection, as far as it is known: the labels that SQL
+    and HTTP series carry (``app``, ``version``, ``instance``, ``node``).
+
+    Known fully for an instance the scheduler placed (from its sidecar listener, or from the
+    placement table when the instance has an address of its own); otherwise only ``app`` is
+    known (a listener's configured ``app``, PostgreSQL's ``application_name``, the user) and
+    the rest are empty strings, which Prometheus treats as absent labels."""
+
+    app: str
+    version: str = ""
+    instance: str = ""
+    node: str = ""
+
+    def labels(self) -> tuple[str, str, str, str]:
+        return (self.app, self.version, self.instance, self.node)
+
+
+# The label names of Identity.labels(), in order; every series keyed by identity uses these.
+IDENTITY_LABELS: tuple[str, str, str, str] = ("app", "version", "instance", "node")

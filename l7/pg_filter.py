@@ -45,12 +45,12 @@ from collections.abc import Callable, Sequence
 from l7 import pg_messages as m
 from l7.errors import ProtocolError
 from l7.model import Statement
-from l7.pg_context import PgContext, PgHooks
 from l7.pg_decoder import PgBackendDecoder, PgFrontendDecoder, report
 from l7.pg_refusal import extended_substitute, raise_statement, simple_substitute
 from l7.pg_scan import HEADER, STATUS, scan_client, scan_server
 from l7.pg_splice import Splicer
 from l7.policy import Decision, PolicyEngine, policy_log_line
+from l7.sql_context import PgHooks, SqlContext
 from l7.sql_session import PreparedStatements
 
 log = logging.getLogger("pointsman.sql")
@@ -81,7 +81,7 @@ class PgSession:
 
     def __init__(
         self,
-        context: Callable[[], PgContext],
+        context: Callable[[], SqlContext],
         to_server: Callable[[bytes], object],
         to_client: Callable[[bytes], object],
         hooks: PgHooks,
@@ -108,6 +108,7 @@ class PgSession:
         self.user = ""
         self.database = ""
         self.app = ""
+        self.who: tuple[str, ...] = ()  # label prefix of this session's series (SqlContext.who)
         self.status = "I"  # transaction status from the last ReadyForQuery
         self.prepared = PreparedStatements()  # SQL PREPARE and protocol Parse names
         self._portals: dict[str, str] = {}  # portal -> statement name
@@ -297,13 +298,15 @@ class PgSession:
             params = ev.params
             self.user = params.get("user", "")
             self.database = params.get("database", self.user)
-            # Identity: the listener's app (a sidecar's), the instance owning the client address
+            # Identity: the listener's (a sidecar's), the instance owning the client address
             # (placement), the client's application_name, its user - most trusted first.
-            placed = self.ctx.identify(self.peer) if self.ctx.identify is not None and self.peer else None
-            self.app = self.ctx.app or placed or params.get("application_name") or self.user
+            ctx = self.ctx
+            identity = ctx.resolve(self.peer, params.get("application_name") or self.user)
+            self.app = identity.app
+            self.who = ctx.who(identity)
             self.started = True
-            self.ctx.metrics.sessions.inc((self.ctx.listener, self.app))
-            self.ctx.metrics.active.inc((self.ctx.listener, self.app))
+            ctx.metrics.sessions.inc(self.who)
+            ctx.metrics.active.inc(self.who)
             self.hooks.connect_upstream()
             return _FORWARD
         if isinstance(ev, m.SSLRequest):
@@ -369,9 +372,12 @@ class PgSession:
         if not unit.cuts:
             unit.cuts = True
             self._cutting += 1
-        ctx.metrics.denied.inc((ctx.listener, self.app, d.rule))
+        ctx.metrics.denied.inc((*self.who, d.rule))
         record = {
             "app": self.app,
+            "version": self.who[3],
+            "instance": self.who[4],
+            "node": self.who[5],
             "user": self.user,
             "database": self.database,
             "verbs": [st.verb for st in stmts],  # of every statement refused with it
@@ -385,7 +391,7 @@ class PgSession:
 
     def _delay(self, d: Decision) -> None:
         ctx = self.ctx
-        ctx.metrics.delayed.inc((ctx.listener, self.app, d.rule or ""))
+        ctx.metrics.delayed.inc((*self.who, d.rule or ""))
         self._paused = True
         self.hooks.pause(d.delay)
 
@@ -398,7 +404,7 @@ class PgSession:
             verb = st.verb
             key = keys.get(verb)
             if key is None:
-                key = keys[verb] = (ctx.listener, self.app, self.database, verb)
+                key = keys[verb] = (*self.who, self.database, verb)
             counter.inc(key)
             unit.stmts.append((verb, now))
 
@@ -561,10 +567,10 @@ class PgSession:
             verb, sent = units[0].stmts.popleft()
             key = self._dkeys.get(verb)
             if key is None:
-                key = self._dkeys[verb] = (ctx.listener, self.app, verb)
+                key = self._dkeys[verb] = (*self.who, verb)
             ctx.metrics.durations.observe(key, ctx.clock() - sent)
         if outcome is not None:
-            ctx.metrics.transactions.inc((ctx.listener, self.app, outcome))
+            ctx.metrics.transactions.inc((*self.who, outcome))
 
     def _ready_for_query(self, status: str) -> None:
         """The server is ready: the transaction status, and the end of the oldest unit."""
@@ -604,7 +610,7 @@ class PgSession:
             return False
         if cls is m.ErrorResponse:
             code = ev.code  # type: ignore[attr-defined]
-            self.ctx.metrics.errors.inc((self.ctx.listener, self.app, code[:2] or "??"))
+            self.ctx.metrics.errors.inc((*self.who, code[:2] or "??"))
             if units:
                 unit = units[0]
                 unit.stmts.clear()  # the rest of the unit does not run
@@ -632,7 +638,7 @@ class PgSession:
 
     def _decode_failed(self, side: str, exc: ProtocolError) -> None:
         ctx = self.ctx
-        ctx.metrics.decode_errors.inc((ctx.listener, side))
+        ctx.metrics.decode_errors.inc((ctx.listener, ctx.protocol, side))
         if not self.started or (ctx.engine is not None and ctx.engine.enforces_on(self.app, self.user, self.database)):
             log.warning("listener %s: %s sent bytes the decoder cannot follow (%s): closing", ctx.listener, side, exc)
             self._closed = True
@@ -648,7 +654,7 @@ class PgSession:
         """The connection is gone."""
         if self.started and not self._ended:
             self._ended = True
-            self.ctx.metrics.active.inc((self.ctx.listener, self.app), -1)
+            self.ctx.metrics.active.inc(self.who, -1)
         self._closed = True
 
 

@@ -18,6 +18,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from discovery.dns import DnsServer
+from l7.model import Identity
 from pointsman.sidecar import LocalUpstream, upstream_routes
 from pointsman.supervisor import Component, RouterComponent
 from scheduler.api import scheduler_routes
@@ -133,7 +134,7 @@ class SchedulerComponent(Component):
                 port=car.port,
                 protocol=car.protocol,
                 local_port=car.local_port,
-                app=car.job,
+                identity=Identity(car.job, car.version, car.alloc_id, car.node),
                 policies=car.policies,
             )
             for car in sidecars
@@ -204,8 +205,8 @@ class SchedulerCollector(Collector):
         for job, entry in sorted(reconciler.unplaced.items()):
             unplaced.add_metric((job,), float(entry.count))
         yield unplaced
-        # Who is behind each sidecar listener: SQL and HTTP series carry `listener` (and `app`);
-        # `* on (listener) group_left (instance, version, node) pointsman_sidecar_info` adds the rest.
+        # Which instance and service each sidecar listener serves (its HTTP and SQL series carry
+        # the instance's app, version, instance and node themselves).
         info = GaugeMetricFamily(
             "pointsman_sidecar_info",
             "1 per sidecar listener, with the identity of the instance it serves",

@@ -14,7 +14,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, PlainValidator, WithJsonSchema
 
-from router.config import Address, ClusterConfig, ListenerConfig
+from l7.model import Identity
+from router.config import IDENTITY_PROTOCOLS, SQL_PROTOCOLS, Address, ClusterConfig, ListenerConfig
 from scheduler.config import Strict, UpstreamConfig
 
 DEFAULT_REGISTRY = ("127.0.0.1", 9901)
@@ -23,21 +24,23 @@ DEFAULT_REGISTRY = ("127.0.0.1", 9901)
 @dataclass(frozen=True)
 class LocalUpstream:
     """One local listener: 127.0.0.1:``local_port`` forwards to ``service``'s named ``port``
-    (its usable instances in the catalog), as ``app`` for a postgres listener."""
+    (its usable instances in the catalog); its clients are ``identity`` (an http or SQL
+    listener's series carry it, SQL policies match on it)."""
 
     name: str  # the router listener's name
     service: str
     port: str
     protocol: str
     local_port: int
-    app: str
+    identity: Identity
     policies: tuple[str, ...] = field(default=())
 
 
 def upstream_routes(upstreams: Iterable[LocalUpstream]) -> tuple[dict[str, ClusterConfig], list[ListenerConfig]]:
     """The router listeners and clusters of a set of local upstreams: one cluster per service
     and port (following the catalog), http with retries on connect failure, tcp and postgres
-    forwarding as a whole (postgres counted and policed as the upstream's app)."""
+    forwarding as a whole; http and SQL ones count (and SQL ones police) their clients as the
+    upstream's identity."""
     clusters: dict[str, ClusterConfig] = {}
     listeners: list[ListenerConfig] = []
     for up in upstreams:
@@ -52,8 +55,10 @@ def upstream_routes(upstreams: Iterable[LocalUpstream]) -> tuple[dict[str, Clust
             listener["routes"] = [{"match": {"path_prefix": "/"}, "to": cluster, "retries": {}}]
         else:
             listener["to"] = cluster
-        if up.protocol == "postgres":
-            listener["app"] = up.app
+        if up.protocol in IDENTITY_PROTOCOLS:
+            i = up.identity
+            listener["identity"] = {"app": i.app, "version": i.version, "instance": i.instance, "node": i.node}
+        if up.protocol in SQL_PROTOCOLS:
             listener["policies"] = list(up.policies)
         listeners.append(ListenerConfig.model_validate(listener))
     return clusters, listeners
@@ -89,6 +94,7 @@ class SidecarConfig(Strict):
     """`pointsman sidecar --app NAME`: local listeners for an app started by something else."""
 
     app: Annotated[str, Field(pattern=r"^[A-Za-z0-9]([A-Za-z0-9_.-]{0,61}[A-Za-z0-9])?$")]
+    version: str = Field(default="", description="the app's version, a label of its HTTP and SQL series")
     registry: Address = Field(
         default=DEFAULT_REGISTRY, description="the admin API of the pointsman whose registry to follow"
     )

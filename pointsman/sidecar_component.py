@@ -17,6 +17,7 @@ from pathlib import Path
 
 from discovery.model import Catalog
 from discovery.remote import RemoteCatalog
+from l7.model import Identity
 from pointsman.config import Config
 from pointsman.sidecar import LocalUpstream, SidecarConfig, SidecarUpstream, upstream_routes
 from pointsman.supervisor import DEFAULT_DRAIN_TIMEOUT, DEFAULT_WATCH_INTERVAL, Component, RouterComponent, Supervisor
@@ -58,6 +59,10 @@ class SidecarComponent(Component):
         # Local ports picked for `auto` upstreams, by service: kept across reloads, so the
         # addresses the app was given stay valid.
         self.auto_ports: dict[str, int] = {}
+        # Identity labels beyond app and version: no placement names this instance, so the
+        # node is the machine's name and the instance is left empty.
+        self.instance = ""
+        self.node = socket.gethostname()
 
     def _entry(self, config: Config) -> SidecarConfig:
         entry = find_sidecar(config, self.app)
@@ -81,7 +86,7 @@ class SidecarComponent(Component):
                 port=up.port,
                 protocol=up.protocol,
                 local_port=self.local_port(up, picked),
-                app=entry.app,
+                identity=Identity(entry.app, entry.version, self.instance, self.node),
                 policies=tuple(up.policies),
             )
             for up in entry.upstreams

@@ -23,6 +23,7 @@ from pydantic import (
     model_validator,
 )
 
+from l7.model import Identity
 from units import Duration
 
 
@@ -273,35 +274,58 @@ class TlsConfig(Strict):
         return self.cert is not None
 
 
-SQL_PROTOCOLS = ("postgres",)
+SQL_PROTOCOLS = ("postgres", "mysql")
+# Listeners whose series carry the client's identity (app, version, instance, node).
+IDENTITY_PROTOCOLS = ("http", *SQL_PROTOCOLS)
+
+
+class IdentityConfig(Strict):
+    """Who every client of a listener is (a sidecar's listener serves one instance): the
+    labels of its series and what policies match on."""
+
+    app: str = Field(min_length=1)
+    version: str = ""
+    instance: str = ""
+    node: str = ""
 
 
 class ListenerConfig(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     listen: Address
-    protocol: Literal["http", "tcp", "postgres"] = "http"
+    protocol: Literal["http", "tcp", "postgres", "mysql"] = "http"
     routes: list[RouteConfig] | None = None
-    to: str | None = Field(default=None, description="tcp, postgres: the cluster to forward to")
+    to: str | None = Field(default=None, description="tcp, postgres, mysql: the cluster to forward to")
     http: HttpSettings = HttpSettings()
     app: str | None = Field(
         default=None,
         min_length=1,
-        description="postgres: the client's identity for counting and policy (default: its "
-        "application_name, else its user)",
+        description="http, postgres, mysql: the clients' app, for counting and policy (default: the "
+        "instance that owns the client address; for SQL then application_name / program_name, "
+        "then the user). Short for identity: {app: ...}",
     )
-    policies: list[str] = Field(default_factory=list, description="postgres: names of policies[] rules, in order")
+    identity: IdentityConfig | None = Field(
+        default=None, description="http, postgres, mysql: the clients' app, version, instance and node"
+    )
+    policies: list[str] = Field(
+        default_factory=list, description="postgres, mysql: names of policies[] rules, in order"
+    )
     tls: TlsConfig | None = Field(
-        default=None, description="postgres: terminate client TLS (cert, key); TLS to the server (upstream)"
+        default=None, description="postgres, mysql: terminate client TLS (cert, key); TLS to the server (upstream)"
     )
 
     @model_validator(mode="after")
     def _shape(self) -> ListenerConfig:
-        if self.protocol not in SQL_PROTOCOLS:
-            for key in ("app", "tls"):
+        if self.protocol not in IDENTITY_PROTOCOLS:
+            for key in ("app", "identity"):
                 if getattr(self, key) is not None:
-                    raise ValueError(f"'{key}' is for SQL listeners (protocol: postgres), not {self.protocol}")
+                    raise ValueError(f"'{key}' is for http and SQL listeners, not {self.protocol}")
+        if self.app is not None and self.identity is not None:
+            raise ValueError("give the app in 'app' or in 'identity', not both")
+        if self.protocol not in SQL_PROTOCOLS:
+            if self.tls is not None:
+                raise ValueError(f"'tls' is for SQL listeners (protocol: postgres, mysql), not {self.protocol}")
             if self.policies:
-                raise ValueError(f"'policies' is for SQL listeners (protocol: postgres), not {self.protocol}")
+                raise ValueError(f"'policies' is for SQL listeners (protocol: postgres, mysql), not {self.protocol}")
         if len(set(self.policies)) != len(self.policies):
             raise ValueError("a policy is listed twice in 'policies'")
         if self.protocol == "http":
@@ -315,6 +339,13 @@ class ListenerConfig(Strict):
             if self.to is None:
                 raise ValueError(f"a {self.protocol} listener needs 'to': the cluster to forward to")
         return self
+
+    def source(self) -> Identity | None:
+        """The clients' identity when the config fixes it (``app`` or ``identity``)."""
+        if self.identity is not None:
+            i = self.identity
+            return Identity(i.app, i.version, i.instance, i.node)
+        return Identity(self.app) if self.app is not None else None
 
     def clusters(self) -> Iterator[tuple[tuple[str | int, ...], str]]:
         if self.to is not None:

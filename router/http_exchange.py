@@ -65,25 +65,33 @@ _CLASSES = ("1xx", "1xx", "2xx", "3xx", "4xx", "5xx")
 
 
 class Labels:
-    """Metric label tuples of one (listener, route, cluster), built once and reused."""
+    """Metric label tuples of one (listener, client identity, route, cluster), built once and
+    reused. ``who`` is an :meth:`l7.model.Identity.labels` tuple (app, version, instance, node)."""
 
     __slots__ = ("by_class", "duration", "retries")
 
-    def __init__(self, listener: str, route: str, cluster: str) -> None:
-        self.by_class = tuple((listener, route, cluster, c) for c in _CLASSES)
-        self.duration = (listener, route)
-        self.retries = (listener, route, cluster)
+    def __init__(self, listener: str, who: tuple[str, ...], route: str, cluster: str) -> None:
+        self.by_class = tuple((listener, *who, route, cluster, c) for c in _CLASSES)
+        self.duration = (listener, *who, route)
+        self.retries = (listener, *who, route, cluster)
 
 
-_label_cache: dict[tuple[str, str, str], Labels] = {}
+_label_cache: dict[tuple[str, tuple[str, ...], str, str], Labels] = {}
+# The identity of a client nothing is known about: every identity label empty.
+NOBODY: tuple[str, ...] = ("", "", "", "")
 
 
-def labels_for(listener: str, route: str, cluster: str) -> Labels:
-    key = (listener, route, cluster)
+def labels_for(listener: str, who: tuple[str, ...], route: str, cluster: str) -> Labels:
+    key = (listener, who, route, cluster)
     labels = _label_cache.get(key)
     if labels is None:
-        labels = _label_cache[key] = Labels(listener, route, cluster)
+        if len(_label_cache) >= _LABEL_CACHE_MAX:
+            _label_cache.clear()  # identities come and go with instances: never grow without end
+        labels = _label_cache[key] = Labels(listener, who, route, cluster)
     return labels
+
+
+_LABEL_CACHE_MAX = 4096
 
 
 class HttpExchange(Tries, asyncio.Protocol):
@@ -130,6 +138,7 @@ class HttpExchange(Tries, asyncio.Protocol):
         "timer_at",
         "timer_kind",
         "transport",
+        "who",
         "write_paused",
     )
 
@@ -168,7 +177,8 @@ class HttpExchange(Tries, asyncio.Protocol):
         self.deadline = 0.0
         self.last_route: Route | None = None
         self.last_cluster: Cluster | None = None
-        self.last_labels = self.no_route_labels = labels_for(self.name, "", "")
+        self.who = NOBODY  # the client's identity labels, known at connection_made
+        self.last_labels = self.no_route_labels = labels_for(self.name, NOBODY, "", "")
         # The request-duration histogram's row for last_labels (None until looked up).
         self.last_row: list[float] | None = None
         self.buckets = self.stats.http_duration.buckets
@@ -490,7 +500,7 @@ class HttpExchange(Tries, asyncio.Protocol):
             return self.no_route_labels
         if route is self.last_route and cluster is self.last_cluster:
             return self.last_labels
-        labels = labels_for(self.name, route.name, cluster.name)
+        labels = labels_for(self.name, self.who, route.name, cluster.name)
         self.last_route, self.last_cluster, self.last_labels = route, cluster, labels
         self.last_row = None
         return labels

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 from httptools import HttpParserCallbackError, HttpParserError, HttpParserUpgrade, HttpRequestParser, parse_url
 
 from router import http_memory
-from router.http_exchange import HttpExchange
+from router.http_exchange import HttpExchange, labels_for
 from router.http_headers import (
     CRLF,
     H_CONNECTION,
@@ -115,9 +115,18 @@ class HttpProxyProtocol(HttpExchange):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         peer = transport.get_extra_info("peername")
+        listener = self.listener
         if peer:
             self.client_ip = str(peer[0]).encode()
-        self.listener.add(self)
+        # Who the client is: the listener's configured identity (a sidecar's), else the instance
+        # that owns the client address in the placement table.
+        identity = listener.source
+        if identity is None and peer and listener.identify is not None:
+            identity = listener.identify(str(peer[0]))
+        if identity is not None:
+            self.who = identity.labels()
+            self.last_labels = self.no_route_labels = labels_for(self.name, self.who, "", "")
+        listener.add(self)
         self.stats.downstream_connections.inc((self.name,))
         # The first request's head must arrive within header_timeout of the connect.
         self._arm(T_HEADERS, self.loop.time() + self.header_timeout)

@@ -2,8 +2,9 @@
 :meth:`router.sql_metrics.SqlStats.snapshot`.
 
 Nothing here runs per request. The data plane already counts every answered request in
-:class:`router.metrics.RouterStats` (``http_requests`` by listener, route, cluster and status
-class; ``http_duration`` by listener and route); :meth:`HttpStats.sample` copies those plain
+:class:`router.metrics.RouterStats` (``http_requests`` by listener, client identity, route,
+cluster and status class; ``http_duration`` by listener, identity and route; the live view
+sums over identities); :meth:`HttpStats.sample` copies those plain
 dicts once a second (the supervisor's sampler task) and :meth:`HttpStats.snapshot` takes
 differences between two samples. So rates *and* latencies are over the same sliding window,
 unlike the SQL view, whose latencies cover the life of the process.
@@ -20,7 +21,8 @@ import time
 from collections import deque
 from typing import Any
 
-from router.metrics import RouterStats
+from l7.model import IDENTITY_LABELS
+from router.metrics import RouterStats, fold
 from router.sql_metrics import _latency
 
 _Key = tuple[str, ...]
@@ -31,12 +33,18 @@ class _Sample:
 
     def __init__(self, at: float, stats: RouterStats) -> None:
         self.at = at
-        self.requests: dict[_Key, float] = dict(stats.http_requests.values)
-        # Each histogram row is [count per bucket..., +Inf count, sum]: copied, not aliased,
-        # because the data plane adds to the same lists in place.
-        self.durations: dict[_Key, list[float]] = {k: list(row) for k, row in stats.http_duration.series.items()}
+        self.requests: dict[_Key, float] = _per_route(stats.http_requests.values)
+        # Each histogram row is [count per bucket..., +Inf count, sum]: copied (fold builds new
+        # lists), not aliased, because the data plane adds to the same lists in place.
+        self.durations: dict[_Key, list[float]] = _per_route(stats.http_duration.series)
         self.rejected: dict[_Key, float] = dict(stats.http_rejected.values)
         self.overflows: dict[_Key, float] = dict(stats.upstream_overflows.values)
+
+
+def _per_route(values: dict[_Key, Any]) -> dict[_Key, Any]:
+    """HTTP series keyed (listener, app, version, instance, node, rest...) summed over the
+    client identity: (listener, rest...)."""
+    return fold(values, lambda key: (key[0], *key[1 + len(IDENTITY_LABELS) :]))
 
 
 # How far past the window a sample may lie and still count as inside it: the sampler's
@@ -93,7 +101,7 @@ class HttpStats:
         old_req = base.requests if base is not None else {}
 
         rows: dict[tuple[str, str, str], dict[str, Any]] = {}
-        for (listener, route, cluster, code), total in list(stats.http_requests.values.items()):
+        for (listener, route, cluster, code), total in _per_route(stats.http_requests.values).items():
             row = rows.get((listener, route, cluster))
             if row is None:
                 row = rows[(listener, route, cluster)] = {

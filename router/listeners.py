@@ -18,9 +18,10 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Protocol
 
 from discovery.model import Catalog, Snapshot
-from l7.pg_context import PgContext
+from l7.model import Identity
 from l7.policy import PolicyEngine
 from l7.policy_config import PolicyRule
+from l7.sql_context import SqlContext
 from router.cluster import Cluster, Endpoint
 from router.config import SQL_PROTOCOLS, ClusterConfig, ListenerConfig, format_address
 from router.metrics import RouterStats
@@ -49,8 +50,12 @@ class ListenerHandle:
         self.stats = stats
         self.table: RouteTable | None = None  # http
         self.cluster: Cluster | None = None  # tcp, postgres
-        self.pg: PgContext | None = None  # postgres: counting and policy, swapped on reload
-        self.pg_tls: ssl.SSLContext | None = None
+        self.sql: SqlContext | None = None  # postgres, mysql: counting and policy, swapped on reload
+        self.sql_tls: ssl.SSLContext | None = None
+        # http, postgres, mysql: the clients' identity when the config fixes it; else a lookup
+        # of the instance owning a client address (placement), when the router follows a registry
+        self.source: Identity | None = config.source()
+        self.identify: Callable[[str], Identity | None] | None = None
         self.pg_backends: dict[tuple[int, bytes], Endpoint] = {}  # (pid, key) -> its server
         self._tasks: set[asyncio.Task[None]] = set()
         self.server: asyncio.Server | None = None
@@ -98,6 +103,10 @@ class ListenerHandle:
             from router.pg_proxy import PgProxyProtocol
 
             factory = lambda: PgProxyProtocol(self)  # noqa: E731
+        elif self.config.protocol == "mysql":
+            from router.mysql_proxy import MySqlProxyProtocol
+
+            factory = lambda: MySqlProxyProtocol(self)  # noqa: E731
         else:
             from router.tcp_proxy import TcpProxyProtocol
 
@@ -150,27 +159,29 @@ class Router:
         self.stats.clusters_source = self._all_clusters
         self._lock = asyncio.Lock()
         self._background: set[asyncio.Task[None]] = set()
-        # Client address -> the app (service) of the registered instance that owns it, for
+        # Client address -> the registered instance that owns it (its service as the app), for
         # instances with an address of their own; loopback and shared addresses are left out.
-        self._owners: dict[str, str] = {}
+        self._owners: dict[str, Identity] = {}
         if catalog is not None:
             catalog.subscribe(self._index_owners)
 
     def _index_owners(self, snapshot: Snapshot) -> None:
-        owners: dict[str, str] = {}
+        owners: dict[str, Identity] = {}
         shared: set[str] = set()
         for service, instances in snapshot.services.items():
             for instance in instances:
                 address = instance.address
                 if address.startswith("127.") or address == "::1" or address in shared:
                     continue
-                if owners.setdefault(address, service) != service:
+                if address in owners:  # two instances at one address: nobody's in particular
                     shared.add(address)
                     del owners[address]
+                    continue
+                owners[address] = Identity(service, instance.version or "", instance.id, instance.node or "")
         self._owners = owners
 
-    def owner_of(self, address: str) -> str | None:
-        """The app of the instance at a client address (placement-derived identity)."""
+    def owner_of(self, address: str) -> Identity | None:
+        """The instance at a client address (placement-derived identity)."""
         return self._owners.get(address)
 
     def _all_clusters(self) -> Iterator[Cluster]:
@@ -237,7 +248,9 @@ class Router:
                 handle.config = config
                 handle.table = tables.get(config.name)
                 handle.cluster = new_clusters[config.to] if config.to is not None else None
-                handle.pg, handle.pg_tls = sql.get(config.name, (None, None))
+                handle.sql, handle.sql_tls = sql.get(config.name, (None, None))
+                handle.source = config.source()
+                handle.identify = self.owner_of if self.catalog is not None else None
             for cluster in new_clusters.values():
                 self._follow(cluster)
                 cluster.start()
@@ -280,14 +293,14 @@ class Router:
 
     def _sql_context(
         self, config: ListenerConfig, rules: Mapping[str, PolicyRule], old: ListenerHandle | None
-    ) -> tuple[PgContext, ssl.SSLContext | None]:
+    ) -> tuple[SqlContext, ssl.SSLContext | None]:
         """A SQL listener's counting and policy context. The policy engine (with its token
         buckets) is kept when the listener's rules are unchanged; TLS files are read here, so
         a bad certificate refuses the reload before anything changed."""
         listed = [rules[name] for name in config.policies]
         engine: PolicyEngine | None = None
-        if old is not None and old.pg is not None and old.pg.engine is not None and old.pg.rules == listed:
-            engine = old.pg.engine
+        if old is not None and old.sql is not None and old.sql.engine is not None and old.sql.rules == listed:
+            engine = old.sql.engine
         elif listed:
             engine = PolicyEngine(listed)
         tls: ssl.SSLContext | None = None
@@ -295,14 +308,16 @@ class Router:
             tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             tls.load_cert_chain(config.tls.cert, config.tls.key)
         stats = self.sql_stats
-        context = PgContext(
+        classifier, classifier_bs = stats.classifiers(config.protocol)
+        context = SqlContext(
             listener=config.name,
             metrics=stats,
-            classifier=stats.classifier,
-            classifier_bs=stats.classifier_bs,
+            classifier=classifier,
+            classifier_bs=classifier_bs,
+            protocol=config.protocol,
             engine=engine,
             rules=listed,
-            app=config.app,
+            identity=config.source(),
             identify=self.owner_of if self.catalog is not None else None,
             tls=tls is not None,
             clock=time.monotonic,

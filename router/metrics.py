@@ -10,13 +10,34 @@ from __future__ import annotations
 
 import bisect
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
+from l7.model import IDENTITY_LABELS
+
 DURATION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+def fold(
+    values: Mapping[tuple[str, ...], Any], project: Callable[[tuple[str, ...]], tuple[str, ...]]
+) -> dict[tuple[str, ...], Any]:
+    """Rows re-keyed by ``project`` and summed where keys meet (the live views show apps and
+    routes, not every instance behind them). Values are counts, or histogram rows (lists,
+    added element-wise)."""
+    out: dict[tuple[str, ...], Any] = {}
+    for key, value in values.items():
+        short = project(key)
+        have = out.get(short)
+        if have is None:
+            out[short] = list(value) if isinstance(value, list) else value
+        elif isinstance(value, list):
+            out[short] = [a + b for a, b in zip(have, value, strict=True)]
+        else:
+            out[short] = have + value
+    return out
 
 
 class LabelledCounter:
@@ -89,16 +110,18 @@ class RouterStats(Collector):
         c, h = LabelledCounter, LabelledHistogram
         self.http_requests = c(
             "pointsman_http_requests_total",
-            "HTTP requests answered, by listener, route, cluster and status class",
-            ("listener", "route", "cluster", "code"),
+            "HTTP requests answered, by listener, client identity, route, cluster and status class",
+            ("listener", *IDENTITY_LABELS, "route", "cluster", "code"),
         )
         self.http_duration = h(
             "pointsman_http_request_duration_seconds",
             "Time from the request's first byte to the response's last byte",
-            ("listener", "route"),
+            ("listener", *IDENTITY_LABELS, "route"),
         )
         self.http_retries = c(
-            "pointsman_http_retries_total", "Upstream request retries", ("listener", "route", "cluster")
+            "pointsman_http_retries_total",
+            "Upstream request retries",
+            ("listener", *IDENTITY_LABELS, "route", "cluster"),
         )
         self.http_rejected = c(
             "pointsman_http_rejected_requests_total",

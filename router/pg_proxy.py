@@ -24,8 +24,8 @@ import logging
 import ssl
 from typing import TYPE_CHECKING, cast
 
-from l7.pg_context import PgContext
 from l7.pg_filter import PgSession
+from l7.sql_context import SqlContext
 from router.cluster import Cluster, Endpoint
 from router.tcp_proxy import TcpProxyProtocol, _UpstreamProtocol
 
@@ -47,8 +47,8 @@ class PgProxyProtocol(TcpProxyProtocol):
         self._delay: asyncio.TimerHandle | None = None
         self._tls_task: asyncio.Task[None] | None = None
 
-    def _context(self) -> PgContext:
-        ctx = self.listener.pg
+    def _context(self) -> SqlContext:
+        ctx = self.listener.sql
         assert ctx is not None
         return ctx
 
@@ -88,7 +88,7 @@ class PgProxyProtocol(TcpProxyProtocol):
             self._start_connect(cluster)
 
     def start_tls(self) -> None:
-        context = self.listener.pg_tls
+        context = self.listener.sql_tls
         if context is None or self.transport is None:
             self.close("TLS is not configured")
             return

@@ -20,7 +20,12 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from l7.classify import SqlClassifier
-from router.metrics import LabelledCounter, LabelledHistogram
+from l7.model import IDENTITY_LABELS
+from router.metrics import LabelledCounter, LabelledHistogram, fold
+
+# The label prefix of every per-session series: the listener, its wire protocol (so that one
+# dashboard serves PostgreSQL and MySQL listeners) and the client's identity (l7.model.Identity).
+WHO = ("listener", "protocol", *IDENTITY_LABELS)
 
 SQL_DURATION_BUCKETS = (
     0.0001,
@@ -50,34 +55,32 @@ class SqlStats(Collector):
         self.statements = c(
             "pointsman_sql_statements_total",
             "SQL statements sent to the server, by listener, app, database and verb",
-            ("listener", "app", "database", "verb"),
+            (*WHO, "database", "verb"),
         )
         self.durations = LabelledHistogram(
             "pointsman_sql_statement_duration_seconds",
             "Time from sending a statement to its CommandComplete",
-            ("listener", "app", "verb"),
+            (*WHO, "verb"),
             SQL_DURATION_BUCKETS,
         )
         self.denied = c(
             "pointsman_sql_denied_total",
             "Statements refused by policy (deny, or rate limit over with deny)",
-            ("listener", "app", "rule"),
+            (*WHO, "rule"),
         )
-        self.delayed = c(
-            "pointsman_sql_delayed_total", "Statements held back by a rate limit", ("listener", "app", "rule")
-        )
+        self.delayed = c("pointsman_sql_delayed_total", "Statements held back by a rate limit", (*WHO, "rule"))
         self.errors = c(
             "pointsman_sql_errors_total",
             "ErrorResponses from the server (and policy refusals), by SQLSTATE class",
-            ("listener", "app", "sqlstate_class"),
+            (*WHO, "sqlstate_class"),
         )
         self.transactions = c(
             "pointsman_sql_transactions_total",
             "Transactions ended, by outcome (committed, rolled_back)",
-            ("listener", "app", "outcome"),
+            (*WHO, "outcome"),
         )
-        self.sessions = c("pointsman_sql_sessions_total", "SQL sessions started", ("listener", "app"))
-        self.active = c("pointsman_sql_active_sessions", "SQL sessions open now", ("listener", "app"))
+        self.sessions = c("pointsman_sql_sessions_total", "SQL sessions started", WHO)
+        self.active = c("pointsman_sql_active_sessions", "SQL sessions open now", WHO)
         self.policy_matches = c(
             "pointsman_sql_policy_matches_total",
             "Policy rules that applied to a statement, by rule and action",
@@ -86,7 +89,7 @@ class SqlStats(Collector):
         self.decode_errors = c(
             "pointsman_sql_decode_errors_total",
             "Connections whose bytes the decoder could not follow, by side",
-            ("listener", "side"),
+            ("listener", "protocol", "side"),
         )
         self.counters = [
             self.statements,
@@ -98,12 +101,26 @@ class SqlStats(Collector):
             self.policy_matches,
             self.decode_errors,
         ]
-        # Shared by every postgres listener: one cache, one hit rate.
+        # Shared by every listener of a protocol: one cache, one hit rate per dialect. The second
+        # of each pair lexes strings the other way (postgres: standard_conforming_strings off;
+        # mysql: NO_BACKSLASH_ESCAPES).
         self.classifier = SqlClassifier("postgres", cache_size=8192)
         self.classifier_bs = SqlClassifier("postgres", cache_size=1024, backslash_escapes=True)
+        self.classifier_mysql = SqlClassifier("mysql", cache_size=8192)
+        self.classifier_mysql_nobs = SqlClassifier("mysql", cache_size=1024, backslash_escapes=False)
         self._samples: deque[tuple[float, dict[tuple[str, ...], float], dict[tuple[str, ...], float]]] = deque(
             maxlen=16
         )
+
+    def classifiers(self, protocol: str) -> tuple[SqlClassifier, SqlClassifier]:
+        """The (usual, other string lexing) classifier pair of a protocol's listeners."""
+        if protocol == "mysql":
+            return self.classifier_mysql, self.classifier_mysql_nobs
+        return self.classifier, self.classifier_bs
+
+    def _dialects(self) -> Iterator[tuple[str, tuple[SqlClassifier, SqlClassifier]]]:
+        yield "postgres", self.classifiers("postgres")
+        yield "mysql", self.classifiers("mysql")
 
     # -- Prometheus ----------------------------------------------------------------------------
 
@@ -121,7 +138,8 @@ class SqlStats(Collector):
                 f"Statement classification cache {name} (digest LRU)",
                 labels=("dialect",),
             )
-            family.add_metric(("postgres",), float(getattr(self.classifier, attr) + getattr(self.classifier_bs, attr)))
+            for dialect, pair in self._dialects():
+                family.add_metric((dialect,), float(sum(getattr(c, attr) for c in pair)))
             yield family
 
     # -- live view -----------------------------------------------------------------------------
@@ -156,6 +174,7 @@ class SqlStats(Collector):
         statement_rows: list[dict[str, Any]] = []
         new_counts = _per_verb(newest[1]) if newest is not None else {}
         old_counts = _per_verb(base[1]) if base is not None else {}
+        durations = _per_app(self.durations.series)
         for key, total in _per_verb(self.statements.values).items():
             listener, app, verb = key
             statement_rows.append(
@@ -165,14 +184,15 @@ class SqlStats(Collector):
                     "verb": verb,
                     "total": total,
                     "rate": rate(new_counts.get(key, 0.0), old_counts.get(key, 0.0)),
-                    **_latency(self.durations.series.get(key), self.durations.buckets),
+                    **_latency(durations.get(key), self.durations.buckets),
                 }
             )
 
         new_denied = newest[2] if newest is not None else {}
         old_denied = base[2] if base is not None else {}
         denied_rows: list[dict[str, Any]] = []
-        for labels, total in self.denied.values.items():
+        new_denied, old_denied = _per_app(new_denied), _per_app(old_denied)
+        for labels, total in _per_app(self.denied.values).items():
             listener, app, rule = labels
             denied_rows.append(
                 {
@@ -184,10 +204,10 @@ class SqlStats(Collector):
                 }
             )
 
-        # Both classifiers, as /metrics counts them: a listener with backslash escapes uses
-        # the second one, and its lookups belong in the same hit rate.
-        hits = self.classifier.hits + self.classifier_bs.hits
-        misses = self.classifier.misses + self.classifier_bs.misses
+        # Every classifier, as /metrics counts them: one hit rate for all of them.
+        pairs = [c for _, pair in self._dialects() for c in pair]
+        hits = sum(c.hits for c in pairs)
+        misses = sum(c.misses for c in pairs)
         lookups = hits + misses
 
         def busiest(*names: str) -> Callable[[dict[str, Any]], tuple[Any, ...]]:
@@ -201,7 +221,7 @@ class SqlStats(Collector):
             "denied": sorted(denied_rows, key=busiest("listener", "app", "rule")),
             "sessions": [
                 {"listener": listener, "app": app, "active": value}
-                for (listener, app), value in sorted(self.active.values.items())
+                for (listener, app), value in sorted(_per_app(self.active.values).items())
             ],
             "classify_cache": {
                 "hits": hits,
@@ -232,14 +252,16 @@ _Sample = tuple[float, dict[tuple[str, ...], float], dict[tuple[str, ...], float
 _SAMPLE_SLACK = 0.5
 
 
-def _per_verb(values: dict[tuple[str, ...], float]) -> dict[tuple[str, str, str], float]:
-    """Statement counts summed over databases: (listener, app, database, verb) -> (listener,
-    app, verb), the key of the duration histogram and of the rows top shows."""
-    out: dict[tuple[str, str, str], float] = {}
-    for (listener, app, _database, verb), total in values.items():
-        key = (listener, app, verb)
-        out[key] = out.get(key, 0.0) + total
-    return out
+def _per_verb(values: dict[tuple[str, ...], float]) -> dict[tuple[str, ...], float]:
+    """Statement counts summed over protocol, version, instance, node and database: (who...,
+    database, verb) -> (listener, app, verb), the rows top shows."""
+    return fold(values, lambda key: (key[0], key[2], key[-1]))
+
+
+def _per_app(values: dict[tuple[str, ...], Any]) -> dict[tuple[str, ...], Any]:
+    """Rows keyed (who..., rest...) summed to (listener, app, rest...): top shows apps, not
+    their instances."""
+    return fold(values, lambda key: (key[0], key[2], *key[len(WHO) :]))
 
 
 def _latency(series: list[float] | None, buckets: tuple[float, ...]) -> dict[str, float | None]:

@@ -215,7 +215,7 @@ class UpstreamConfig(Strict):
     port: str | None = Field(
         default=None, description="the service's named port (default: the first port of the job of that name)"
     )
-    protocol: Literal["tcp", "http", "postgres"] = "tcp"
+    protocol: Literal["tcp", "http", "postgres", "mysql"] = "tcp"
     local_port: Literal["auto"] = Field(default="auto", description="allocated per instance like the job's ports")
     env: str | None = Field(
         default=None,
@@ -223,7 +223,7 @@ class UpstreamConfig(Strict):
         description="the variable pointing the app at it (default: <SERVICE>_ADDR=127.0.0.1:PORT, "
         "or <SERVICE>_URL=http://127.0.0.1:PORT for http)",
     )
-    policies: list[str] = Field(default_factory=list, description="postgres: policies[] rules to apply")
+    policies: list[str] = Field(default_factory=list, description="postgres, mysql: policies[] rules to apply")
 
     @property
     def port_name(self) -> str:
@@ -374,8 +374,8 @@ def _check_job(job: JobConfig, i: int, jobs: Mapping[str, JobConfig]) -> Iterato
             declared = ", ".join(target.ports) or "none"
             reason = f"job {upstream.service!r} has no port {upstream.port!r} (declared: {declared})"
             yield (*base, "upstreams", k, "port"), reason
-        if upstream.policies and upstream.protocol != "postgres":
-            yield (*base, "upstreams", k, "policies"), "policies are for protocol: postgres"
+        if upstream.policies and upstream.protocol not in ("postgres", "mysql"):
+            yield (*base, "upstreams", k, "policies"), "policies are for protocol: postgres or mysql"
     for k, affinity in enumerate(job.affinity):
         if affinity.near not in job_names:
             known = ", ".join(job_names)

@@ -54,7 +54,7 @@ async def test_pgbench_tpcb_counts_exactly(pg_server: PgServer) -> None:
         assert proxy.counter("transactions", app="pgbench", outcome="committed") == n
         assert proxy.counter("denied") == 0
         # Every statement got a latency: the histogram saw as many as were counted.
-        assert proxy.router.sql_stats.durations.count(("db", "pgbench", "UPDATE")) == 3 * n
+        assert proxy.router.sql_stats.durations.count(("db", "postgres", "pgbench", "", "", "", "UPDATE")) == 3 * n
 
 
 # --- deny ----------------------------------------------------------------------------------------

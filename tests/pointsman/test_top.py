@@ -343,10 +343,10 @@ def test_interval_is_checked() -> None:
 
 def test_rates_come_from_the_samples() -> None:
     stats = SqlStats()
-    insert = ("db", "orders", "shop", "INSERT")
+    insert = ("db", "postgres", "orders", "", "", "", "shop", "INSERT")
     stats.statements.inc(insert, 10)
-    stats.statements.inc(("db", "orders", "archive", "INSERT"), 5)  # another database: same row
-    stats.denied.inc(("db", "orders", "no-destructive"), 2)
+    stats.statements.inc(("db", "postgres", "orders", "", "", "", "archive", "INSERT"), 5)  # another database: same row
+    stats.denied.inc(("db", "postgres", "orders", "", "", "", "no-destructive"), 2)
 
     # One sample: nothing to take a difference from.
     stats.sample(now=100.0)
@@ -357,7 +357,7 @@ def test_rates_come_from_the_samples() -> None:
 
     for t in (101.0, 102.0, 103.0, 104.0):
         stats.statements.inc(insert, 10)
-        stats.denied.inc(("db", "orders", "no-destructive"), 1)
+        stats.denied.inc(("db", "postgres", "orders", "", "", "", "no-destructive"), 1)
         stats.sample(now=t)
     stats.statements.inc(insert, 1000)  # after the last sample: in the total, not yet in the rate
     snap = stats.snapshot(window=5.0, now=104.5)
@@ -387,12 +387,12 @@ def test_rates_come_from_the_samples() -> None:
 
 def test_statements_sorted_by_rate_then_total() -> None:
     stats = SqlStats()
-    stats.statements.inc(("db", "a", "d", "SELECT"), 500)
-    stats.statements.inc(("db", "b", "d", "INSERT"), 1)
-    stats.statements.inc(("db", "c", "d", "UPDATE"), 10)
+    stats.statements.inc(("db", "postgres", "a", "", "", "", "d", "SELECT"), 500)
+    stats.statements.inc(("db", "postgres", "b", "", "", "", "d", "INSERT"), 1)
+    stats.statements.inc(("db", "postgres", "c", "", "", "", "d", "UPDATE"), 10)
     stats.sample(now=0.0)
-    stats.statements.inc(("db", "b", "d", "INSERT"), 30)
-    stats.statements.inc(("db", "c", "d", "UPDATE"), 10)
+    stats.statements.inc(("db", "postgres", "b", "", "", "", "d", "INSERT"), 30)
+    stats.statements.inc(("db", "postgres", "c", "", "", "", "d", "UPDATE"), 10)
     stats.sample(now=1.0)
     snap = stats.snapshot(now=1.0)
     assert [(r["app"], r["rate"]) for r in snap["statements"]] == [("b", 30.0), ("c", 10.0), ("a", 0.0)]
@@ -400,8 +400,8 @@ def test_statements_sorted_by_rate_then_total() -> None:
 
 def test_latency_is_interpolated_inside_the_bucket() -> None:
     stats = SqlStats()
-    key = ("db", "orders", "INSERT")
-    stats.statements.inc(("db", "orders", "d", "INSERT"), 10)
+    key = ("db", "postgres", "orders", "", "", "", "INSERT")
+    stats.statements.inc(("db", "postgres", "orders", "", "", "", "d", "INSERT"), 10)
     # Ten statements in the (0.5 ms, 1 ms] bucket.
     for _ in range(10):
         stats.durations.observe(key, 0.0008)

@@ -95,7 +95,7 @@ async def test_connect_failure_is_503() -> None:
             assert response.status == 503
             assert response.body == b"upstream connect error\n"
             assert router.stats.upstream_connect_failures.get(("up",)) == 1
-            assert router.stats.http_requests.get(("web", "all", "up", "5xx")) == 1
+            assert router.stats.http_requests.get(("web", "", "", "", "", "all", "up", "5xx")) == 1
             cluster = router.clusters["up"]
             assert cluster.connections == 0 and cluster.endpoints[0].connections == 0
             assert cluster.endpoints[0].consecutive_failures == 1
@@ -165,7 +165,7 @@ async def test_per_try_timeout_retries_on_another_endpoint() -> None:
                 response = await exchange(port, GET)
                 assert response.status == 200 and response.body == b"fast says 200"
             assert arrived.is_set()
-            assert router.stats.http_retries.get(("web", "r", "up")) == 1
+            assert router.stats.http_retries.get(("web", "", "", "", "", "r", "up")) == 1
             assert_idle(router)
 
 
@@ -178,7 +178,7 @@ async def test_connect_failure_retried_on_another_endpoint() -> None:
                 for _ in range(6):
                     response = await exchange(port, GET)
                     assert response.status == 200
-                assert router.stats.http_retries.get(("web", "r", "up")) == 3
+                assert router.stats.http_retries.get(("web", "", "", "", "", "r", "up")) == 3
                 assert router.stats.upstream_connect_failures.get(("up",)) == 3
                 assert_idle(router)
 
@@ -208,7 +208,7 @@ async def test_retries_exhausted_forward_the_upstream_5xx() -> None:
             response = await exchange(router.address_of("web")[1], GET)
             assert response.status == 502
             assert response.body in (b"one says 502", b"two says 502")
-            assert router.stats.http_retries.get(("web", "r", "up")) == 2
+            assert router.stats.http_retries.get(("web", "", "", "", "", "r", "up")) == 2
             assert_idle(router)
 
 

@@ -153,7 +153,7 @@ async def test_head_204_and_304_have_no_body() -> None:
             writer.write(b"HEAD /x HTTP/1.1\r\nHost: h\r\n\r\nGET /last HTTP/1.1\r\nHost: h\r\n\r\n")
             assert (await read_response(reader, head_request=True)).status == 200
             assert json.loads((await read_response(reader)).body)["path"] == "/last"
-        assert router.stats.http_requests.get(("web", "all", "up", "3xx")) == 1
+        assert router.stats.http_requests.get(("web", "", "", "", "", "all", "up", "3xx")) == 1
 
 
 async def test_chunked_upstream_response_through_aiohttp_client() -> None:
@@ -241,7 +241,7 @@ async def test_websocket_upgrade_is_tunnelled() -> None:
             blob = os.urandom(300_000)
             await ws.send_bytes(blob)
             assert (await ws.receive_bytes()) == blob[::-1]
-        assert router.stats.http_requests.get(("web", "all", "up", "1xx")) == 1
+        assert router.stats.http_requests.get(("web", "", "", "", "", "all", "up", "1xx")) == 1
         # the tunnel's end releases the request and closes its upstream connection
         cluster = router.clusters["up"]
         await until(lambda: cluster.requests == 0 and cluster.connections == 0)
@@ -373,7 +373,7 @@ async def test_absolute_form_target_and_http10_without_host() -> None:
             assert response.status == 200
             response = await exchange(port, b"GET /old HTTP/1.0\r\n\r\n")
             assert response.status == 200
-            assert router.stats.http_requests.get(("web", "0", "up", "2xx")) == 1
+            assert router.stats.http_requests.get(("web", "", "", "", "", "0", "up", "2xx")) == 1
     (line1, headers1, _), (line2, headers2, _) = seen
     assert line1 == "GET /v1?x=1 HTTP/1.1"
     assert dict(headers1)["X-Forwarded-Host"] == "API.test:8080"

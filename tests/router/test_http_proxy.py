@@ -63,11 +63,11 @@ async def test_routes_by_host_path_and_headers_and_404() -> None:
                 assert response.status == 404
                 assert "no route" in await response.text()
             stats = router.stats.http_requests
-            assert stats.get(("web", "shop", "a", "2xx")) == 1
-            assert stats.get(("web", "api", "b", "2xx")) == 1
-            assert stats.get(("web", "canary", "c", "2xx")) == 1
-            assert stats.get(("web", "", "", "4xx")) == 1
-            assert router.stats.http_duration.count(("web", "api")) == 1
+            assert stats.get(("web", "", "", "", "", "shop", "a", "2xx")) == 1
+            assert stats.get(("web", "", "", "", "", "api", "b", "2xx")) == 1
+            assert stats.get(("web", "", "", "", "", "canary", "c", "2xx")) == 1
+            assert stats.get(("web", "", "", "", "", "", "", "4xx")) == 1
+            assert router.stats.http_duration.count(("web", "", "", "", "", "api")) == 1
             assert router.stats.downstream_connections.get(("web",)) >= 1
 
 
@@ -301,4 +301,4 @@ async def test_no_available_endpoint_is_503() -> None:
         cluster.set_healthy(cluster.endpoints[0], True)
         async with session.get(base + "/") as response:
             assert response.status == 200
-        assert router.stats.http_requests.get(("web", "all", "up", "5xx")) == 1
+        assert router.stats.http_requests.get(("web", "", "", "", "", "all", "up", "5xx")) == 1

@@ -20,16 +20,18 @@ def test_unlabelled_counters_are_exported_at_zero_before_any_increment() -> None
 
 def test_counters_and_cumulative_histogram_buckets() -> None:
     stats = RouterStats()
-    stats.http_requests.inc(("l", "r", "c", "2xx"))
-    stats.http_requests.inc(("l", "r", "c", "2xx"))
+    who = ("web", "v2", "web-0-1", "n1")  # the client's app, version, instance, node
+    stats.http_requests.inc(("l", *who, "r", "c", "2xx"))
+    stats.http_requests.inc(("l", *who, "r", "c", "2xx"))
     stats.reload_failures.inc(())
     for seconds in (0.0001, 0.003, 0.003, 50.0):
-        stats.http_duration.observe(("l", "r"), seconds)
+        stats.http_duration.observe(("l", *who, "r"), seconds)
     text = _exposition(stats)
-    assert 'pointsman_http_requests_total{cluster="c",code="2xx",listener="l",route="r"} 2.0' in text
+    requests = 'app="web",cluster="c",code="2xx",instance="web-0-1",listener="l",node="n1",route="r",version="v2"'
+    assert "pointsman_http_requests_total{" + requests + "} 2.0" in text
     assert "pointsman_config_reload_failures_total 1.0" in text
-    assert 'pointsman_http_request_duration_seconds_bucket{le="0.0005",listener="l",route="r"} 1.0' in text
-    assert 'pointsman_http_request_duration_seconds_bucket{le="0.005",listener="l",route="r"} 3.0' in text
-    assert 'pointsman_http_request_duration_seconds_bucket{le="30.0",listener="l",route="r"} 3.0' in text
-    assert 'pointsman_http_request_duration_seconds_bucket{le="+Inf",listener="l",route="r"} 4.0' in text
-    assert 'pointsman_http_request_duration_seconds_count{listener="l",route="r"} 4.0' in text
+    for le, count in (("0.0005", 1.0), ("0.005", 3.0), ("30.0", 3.0), ("+Inf", 4.0)):
+        labels = f'app="web",instance="web-0-1",le="{le}",listener="l",node="n1",route="r",version="v2"'
+        assert "pointsman_http_request_duration_seconds_bucket{" + labels + f"}} {count}" in text
+    labels = 'app="web",instance="web-0-1",listener="l",node="n1",route="r",version="v2"'
+    assert "pointsman_http_request_duration_seconds_count{" + labels + "} 4.0" in text
