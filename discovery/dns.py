@@ -198,7 +198,7 @@ class DnsServer:
         elif len(reply) > request.limit:
             reply = truncate_reply(reply, 12 + len(request.question))
         rcode = RCODE_NAMES.get(reply[3] & 0x0F, str(reply[3] & 0x0F))
-        self.collector.queries.values[(request.qtype, rcode, "tcp" if request.transport else "udp")] += 1
+        self.collector.queries.values[("", request.qtype, rcode, "tcp" if request.transport else "udp")] += 1
         send(reply)
         self.collector.duration.observe(perf_counter() - started)
 

@@ -81,7 +81,7 @@ class CachedAnswer:
         rcode = RCODE_NAMES.get(plan.rcode, str(plan.rcode))
         # Label tuples of pointsman_dns_queries_total, per transport (0 UDP, 1 TCP), built
         # once so that counting a query is one dictionary increment.
-        self.metric = ((qlabel, rcode, "udp"), (qlabel, rcode, "tcp"))
+        self.metric = ((plan.service, qlabel, rcode, "udp"), (plan.service, qlabel, rcode, "tcp"))
         self.variants[0] = self._encode(0, additional=True)
 
     def variant(self, i: int) -> bytes:

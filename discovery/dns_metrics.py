@@ -87,8 +87,9 @@ class DnsStats(Collector):
     def __init__(self) -> None:
         self.queries = Counter(
             "pointsman_dns_queries_total",
-            "DNS queries answered, by question type, response code and transport (udp, tcp)",
-            ("qtype", "rcode", "transport"),
+            "DNS queries answered, by service asked about (empty for other names), question type, "
+            "response code and transport (udp, tcp)",
+            ("service", "qtype", "rcode", "transport"),
         )
         self.duration = Histogram(
             "pointsman_dns_query_duration_seconds",

@@ -195,7 +195,7 @@ class DnsResponder:
         return self._serve(entry, data, wire, wire, 12 + len(wire), limit, transport)
 
     def _error(self, data: bytes, question: bytes | None, rcode: int, mode: int, qtype: str, transport: int) -> bytes:
-        self._queries[(qtype, RCODE_NAMES.get(rcode, str(rcode)), TRANSPORTS[transport])] += 1
+        self._queries[("", qtype, RCODE_NAMES.get(rcode, str(rcode)), TRANSPORTS[transport])] += 1
         if question is None and rcode == FORMERR:
             return header_only(data, rcode)
         return error_reply(data, question, rcode, mode, self.cache.ra)

@@ -75,6 +75,9 @@ class AnswerPlan:
     tag: str = STATIC
     authoritative: bool = True
     rotate: bool = False  # the answer section holds interchangeable records served in turns
+    # The registered service the question is about (its name as registered), for the
+    # `service` label; "" for every other name (never a name a client made up).
+    service: str = ""
 
 
 class _ServiceView:
@@ -178,6 +181,12 @@ class DnsResolver:
         view = self._view(service)
         if view is None:
             return self._nxdomain(service)
+        plan = self._in_service(owner, rel, view, qtype)
+        plan.service = view.name
+        return plan
+
+    def _in_service(self, owner: DNSLabel, rel: tuple[bytes, ...], view: _ServiceView, qtype: int) -> AnswerPlan:
+        """The names under <service>.svc.<domain>: the service, an instance or tag, SRV."""
         tag = view.name.lower()
         if len(rel) == 2:
             return self._instances(owner, view.instances, qtype, tag)

@@ -44,7 +44,7 @@ from collections.abc import Callable, Sequence
 
 from l7 import pg_messages as m
 from l7.errors import ProtocolError
-from l7.model import Statement
+from l7.model import Identity, Statement
 from l7.pg_decoder import PgBackendDecoder, PgFrontendDecoder, report
 from l7.pg_refusal import extended_substitute, raise_statement, simple_substitute
 from l7.pg_scan import HEADER, STATUS, scan_client, scan_server
@@ -109,6 +109,7 @@ class PgSession:
         self.database = ""
         self.app = ""
         self.who: tuple[str, ...] = ()  # label prefix of this session's series (SqlContext.who)
+        self.identity: Identity | None = None  # known once the startup packet is read
         self.status = "I"  # transaction status from the last ReadyForQuery
         self.prepared = PreparedStatements()  # SQL PREPARE and protocol Parse names
         self._portals: dict[str, str] = {}  # portal -> statement name
@@ -304,6 +305,7 @@ class PgSession:
             identity = ctx.resolve(self.peer, params.get("application_name") or self.user)
             self.app = identity.app
             self.who = ctx.who(identity)
+            self.identity = identity
             self.started = True
             ctx.metrics.sessions.inc(self.who)
             ctx.metrics.active.inc(self.who)
@@ -351,7 +353,15 @@ class PgSession:
         engine = self.ctx.engine
         if engine is None or not stmts:
             return None
-        d = engine.decide_many(stmts, self.app, self.user, self.database, self.ctx.wallclock(), take_tokens=take_tokens)
+        d = engine.decide_many(
+            stmts,
+            self.app,
+            self.user,
+            self.database,
+            self.ctx.wallclock(),
+            take_tokens=take_tokens,
+            source=self.identity,
+        )
         if d.observed:
             self._observed(d, stmts)
         if d.rule is not None and (take_tokens or d.action == "deny"):
@@ -639,7 +649,10 @@ class PgSession:
     def _decode_failed(self, side: str, exc: ProtocolError) -> None:
         ctx = self.ctx
         ctx.metrics.decode_errors.inc((ctx.listener, ctx.protocol, side))
-        if not self.started or (ctx.engine is not None and ctx.engine.enforces_on(self.app, self.user, self.database)):
+        engine = ctx.engine
+        if not self.started or (
+            engine is not None and engine.enforces_on(self.app, self.user, self.database, self.identity)
+        ):
             log.warning("listener %s: %s sent bytes the decoder cannot follow (%s): closing", ctx.listener, side, exc)
             self._closed = True
             self.hooks.close(f"undecodable {side} bytes: {exc}")

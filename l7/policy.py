@@ -49,7 +49,7 @@ from dataclasses import dataclass
 from fnmatch import translate
 from typing import Literal
 
-from l7.model import Statement
+from l7.model import Identity, Statement
 from l7.policy_config import PolicyConfig, PolicyRule, RateLimitAction
 
 SQLSTATE_DENIED = "42501"  # insufficient_privilege
@@ -110,7 +110,7 @@ class _Bucket:
 class _Rule:
     """A configured rule with its globs compiled once."""
 
-    __slots__ = ("apps", "config", "databases", "name", "tables", "users", "verbs")
+    __slots__ = ("apps", "config", "databases", "name", "source", "tables", "users", "verbs")
 
     def __init__(self, config: PolicyRule) -> None:
         self.config = config
@@ -121,13 +121,26 @@ class _Rule:
         self.users = _glob_re(m.users)
         self.databases = _glob_re(m.databases)
         self.tables = _glob_re(m.tables)
+        # version, instance, node: matched against the session's Identity (None: no such keys)
+        patterns = (_glob_re(m.versions), _glob_re(m.instances), _glob_re(m.nodes))
+        self.source = patterns if any(p is not None for p in patterns) else None
 
-    def applies(self, st: Statement, app: str, user: str, database: str, now: float) -> bool:
-        if self.verbs is not None and st.verb not in self.verbs and self.verbs.isdisjoint(st.verbs):
-            return False
+    def identity_matches(self, app: str, user: str, database: str, source: Identity | None) -> bool:
         for pattern, value in ((self.apps, app), (self.users, user), (self.databases, database)):
             if pattern is not None and not pattern.match(value.lower()):
                 return False
+        if self.source is not None:
+            values = (source.version, source.instance, source.node) if source is not None else ("", "", "")
+            for pattern, value in zip(self.source, values, strict=True):
+                if pattern is not None and not pattern.match(value.lower()):
+                    return False
+        return True
+
+    def applies(self, st: Statement, app: str, user: str, database: str, now: float, source: Identity | None) -> bool:
+        if self.verbs is not None and st.verb not in self.verbs and self.verbs.isdisjoint(st.verbs):
+            return False
+        if not self.identity_matches(app, user, database, source):
+            return False
         if self.tables is not None and not any(_table_matches(self.tables, t) for t in st.tables):
             return False
         when = self.config.when
@@ -162,9 +175,13 @@ class PolicyEngine:
         self.timeless = all(r.when is None for r in rules)
         self._buckets: dict[tuple[str, str], _Bucket] = {}
 
-    def decide(self, statement: Statement, app: str, user: str, database: str, now: float) -> Decision:
-        """The decision for one statement at unix time ``now`` (rate-limit tokens are taken)."""
-        return self._decide(statement, app, user, database, now, 0, None)
+    def decide(
+        self, statement: Statement, app: str, user: str, database: str, now: float, *, source: Identity | None = None
+    ) -> Decision:
+        """The decision for one statement at unix time ``now`` (rate-limit tokens are taken).
+        ``source``: the session's whole identity, for rules matching versions, instances or
+        nodes (without it those match as empty strings)."""
+        return self._decide(statement, app, user, database, now, 0, None, source=source)
 
     def decide_many(
         self,
@@ -175,6 +192,7 @@ class PolicyEngine:
         now: float,
         *,
         take_tokens: bool = True,
+        source: Identity | None = None,
     ) -> Decision:
         """One decision for a multi-statement string: the server runs it as one unit, so if
         any statement is denied none runs. The result is the first deny (evaluation stops
@@ -191,7 +209,7 @@ class PolicyEngine:
         observed: list[Observation] = []
         result: Decision | None = None
         for i, st in enumerate(statements):
-            d = self._decide(st, app, user, database, now, i, journal if take_tokens else None, take_tokens)
+            d = self._decide(st, app, user, database, now, i, journal if take_tokens else None, take_tokens, source)
             observed.extend(d.observed)
             if d.action == "deny":
                 self._rollback(journal)
@@ -219,18 +237,10 @@ class PolicyEngine:
     def __len__(self) -> int:
         return len(self._rules)
 
-    def enforces_on(self, app: str, user: str, database: str) -> bool:
+    def enforces_on(self, app: str, user: str, database: str, source: Identity | None = None) -> bool:
         """Whether some deny or rate-limit rule can apply to a session with this identity
         (whatever its statements and the time): such a session must fail closed."""
-        for rule in self._rules:
-            if not _refuses(rule.config):
-                continue
-            if all(
-                pattern is None or pattern.match(value.lower())
-                for pattern, value in ((rule.apps, app), (rule.users, user), (rule.databases, database))
-            ):
-                return True
-        return False
+        return any(_refuses(rule.config) and rule.identity_matches(app, user, database, source) for rule in self._rules)
 
     # -- internals ----------------------------------------------------------------------
 
@@ -244,6 +254,7 @@ class PolicyEngine:
         index: int,
         journal: _Journal | None,
         take_tokens: bool = True,
+        source: Identity | None = None,
     ) -> Decision:
         observed: list[Observation] = []
         decider: _Rule | None = None
@@ -252,7 +263,7 @@ class PolicyEngine:
             watching = action == "log" or action == "dry_run"
             if decider is not None and not watching:
                 continue  # an enforcing rule already decided; only watch rules still look
-            if not rule.applies(st, app, user, database, now):
+            if not rule.applies(st, app, user, database, now, source):
                 continue
             if watching:
                 observed.append(Observation(rule.name, action, index))  # type: ignore[arg-type]

@@ -121,6 +121,9 @@ class PolicyMatch(_Strict):
 
     verbs: _Globs = Field(default=None, description="statement verbs (any of Statement.verbs)")
     apps: _Globs = Field(default=None, description="application name globs")
+    versions: _Globs = Field(default=None, description="the client instance's version globs (placement identity)")
+    instances: _Globs = Field(default=None, description="the client instance's name globs (placement identity)")
+    nodes: _Globs = Field(default=None, description="the client instance's node globs (placement identity)")
     users: _Globs = Field(default=None, description="user name globs")
     databases: _Globs = Field(default=None, description="database name globs")
     tables: _Globs = Field(default=None, description="table globs, matched against table and schema.table")
@@ -136,7 +139,7 @@ class PolicyMatch(_Strict):
             raise ValueError(f"unknown verb(s) {', '.join(unknown)}; known: {', '.join(sorted(KNOWN_VERBS))}")
         return verbs
 
-    @field_validator("apps", "users", "databases", "tables")
+    @field_validator("apps", "versions", "instances", "nodes", "users", "databases", "tables")
     @classmethod
     def _globs(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
         if value is None:
@@ -147,7 +150,7 @@ class PolicyMatch(_Strict):
 
     @model_validator(mode="after")
     def _non_empty(self) -> PolicyMatch:
-        for key in ("verbs", "apps", "users", "databases", "tables"):
+        for key in ("verbs", "apps", "versions", "instances", "nodes", "users", "databases", "tables"):
             if getattr(self, key) == ():
                 raise ValueError(f"{key}: an empty list matches nothing; omit the key to match anything")
         return self

@@ -72,7 +72,7 @@ async def test_refused_for_clients_outside_allow() -> None:
             outside = await call(dns.message.make_query("example.com", "A"), host, port=port, timeout=2)
             assert outside.rcode() == dns.rcode.REFUSED
         assert server.collector.forwarded.total() == 0
-        assert server.collector.queries.get(("A", "REFUSED", "udp")) == 2
+        assert server.collector.queries.get(("", "A", "REFUSED", "udp")) == 2
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)

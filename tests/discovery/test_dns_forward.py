@@ -67,7 +67,7 @@ async def test_outside_names_are_forwarded(server: DnsServer, upstream: DnsServe
     # Our own names are still ours.
     assert [rr.to_text() for rr in (await ask(server, "web.svc.internal", "A", transport)).answer[0]] == ["10.0.0.1"]
     assert server.collector.forwarded.get(("ok",)) == 2
-    assert upstream.collector.queries.get(("A", "NOERROR", "udp")) == 1
+    assert upstream.collector.queries.get(("api", "A", "NOERROR", "udp")) == 1
 
 
 async def test_ptr_for_other_addresses_is_forwarded(server: DnsServer) -> None:
@@ -102,7 +102,7 @@ async def test_servfail_when_the_upstream_port_is_dead(dead_port: int) -> None:
             # ICMP port unreachable ends the try at once; no waiting for the timeout.
             assert loop.time() - started < 1.0
         assert server.collector.forwarded.get(("error",)) == 2
-        assert server.collector.queries.get(("A", "SERVFAIL", "tcp")) == 1
+        assert server.collector.queries.get(("", "A", "SERVFAIL", "tcp")) == 1
 
 
 async def test_servfail_after_the_timeout_when_the_upstream_is_silent() -> None:

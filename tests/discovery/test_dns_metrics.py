@@ -29,13 +29,14 @@ async def test_counters_and_histogram() -> None:
         await dns.asyncquery.tcp(dns.message.make_query("web.svc.internal", "TYPE999"), host, port=port, timeout=2)
         samples = scrape(registry)
 
-    def queries(qtype: str, rcode: str, transport: str) -> float:
-        key = ("pointsman_dns_queries_total", (("qtype", qtype), ("rcode", rcode), ("transport", transport)))
-        return samples.get(key, 0.0)
+    def queries(service: str, qtype: str, rcode: str, transport: str) -> float:
+        labels = (("qtype", qtype), ("rcode", rcode), ("service", service), ("transport", transport))
+        return samples.get(("pointsman_dns_queries_total", labels), 0.0)
 
-    assert queries("A", "NOERROR", "udp") == 2
-    assert queries("AAAA", "NXDOMAIN", "udp") == 1
-    assert queries("other", "NOERROR", "tcp") == 1  # unknown types share one label value
+    assert queries("web", "A", "NOERROR", "udp") == 2
+    # A name no service has: no service label value made up from what the client asked.
+    assert queries("", "AAAA", "NXDOMAIN", "udp") == 1
+    assert queries("web", "other", "NOERROR", "tcp") == 1  # unknown types share one label value
     assert samples[("pointsman_dns_query_duration_seconds_count", ())] == 4
     assert samples[("pointsman_dns_query_duration_seconds_bucket", (("le", "+Inf"),))] == 4
     assert 0 < samples[("pointsman_dns_query_duration_seconds_sum", ())] < 1

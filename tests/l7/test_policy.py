@@ -11,7 +11,7 @@ import yaml
 from pydantic import ValidationError
 
 from l7 import PreparedStatements, SqlClassifier
-from l7.model import Statement
+from l7.model import Identity, Statement
 from l7.policy import (
     SQLSTATE_DENIED,
     SQLSTATE_RATE_LIMITED,
@@ -275,6 +275,24 @@ def test_issue_policy_at_night_and_by_day() -> None:
 def test_matching(match: dict[str, Any], statement: Statement, app: str, user: str, db: str, hit: bool) -> None:
     d = engine({"name": "r", "match": match, "action": "deny"}).decide(statement, app, user, db, NOON)
     assert (d.action == "deny") is hit
+
+
+def test_matching_the_placement_identity() -> None:
+    """versions, instances and nodes match the session's whole identity (placement-derived);
+    a session without one (a plain client) has them empty, so such rules pass it by."""
+    canary = Identity("orders", "v2", "orders-1-abc", "node-b")
+    stable = Identity("orders", "v1", "orders-0-def", "node-a")
+    rule = {"name": "canary-no-delete", "match": {"verbs": ["DELETE"], "versions": ["v2*"]}, "action": "deny"}
+    eng = engine(rule)
+    assert eng.decide(st("DELETE"), "orders", "u", "d", NOON, source=canary).action == "deny"
+    assert eng.decide(st("DELETE"), "orders", "u", "d", NOON, source=stable).action == "allow"
+    assert eng.decide(st("DELETE"), "orders", "u", "d", NOON).action == "allow"
+    assert eng.enforces_on("orders", "u", "d", canary) and not eng.enforces_on("orders", "u", "d", stable)
+    on_b = engine({"name": "b", "match": {"nodes": ["node-b"], "instances": ["orders-*"]}, "action": "deny"})
+    assert on_b.decide(st("SELECT"), "orders", "u", "d", NOON, source=canary).action == "deny"
+    assert on_b.decide(st("SELECT"), "orders", "u", "d", NOON, source=stable).action == "allow"
+    with pytest.raises(ValidationError, match="nodes: an empty list matches nothing"):
+        PolicyConfig.model_validate({"policies": [{"name": "x", "match": {"nodes": []}, "action": "deny"}]})
 
 
 def test_execute_resolved_and_opaque() -> None:

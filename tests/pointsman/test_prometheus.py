@@ -40,6 +40,7 @@ BILLING_PER_S = 10  # ... and from app "billing"
 HTTP_PER_S = 25  # requests per second through the http listener
 RANGE = 30.0  # the README query's [30s]
 
+WEB_CLIENT = {"app": "shop", "version": "v7", "instance": "shop-0-a1", "node": "n1"}
 SQL_INSERTS = 'pointsman_sql_statements_total{verb="INSERT"}'
 HTTP_REQUESTS = 'pointsman_http_requests_total{listener="web"}'
 
@@ -107,7 +108,9 @@ async def run_prometheus(binary: str, workdir: Path, target: str) -> AsyncIterat
     workdir.mkdir()
     config = workdir / "prometheus.yml"
     scrape = {"scrape_interval": "1s", "scrape_timeout": "1s"}
-    job = {"job_name": "pointsman", **scrape, "static_configs": [{"targets": [target]}]}
+    # honor_labels: the series' own `instance` label (the client's instance) is kept rather than
+    # renamed exported_instance in favour of the scrape target's; README says the same.
+    job = {"job_name": "pointsman", **scrape, "honor_labels": True, "static_configs": [{"targets": [target]}]}
     config.write_text(yaml.safe_dump({"global": scrape, "scrape_configs": [job]}), encoding="utf-8")
     log = workdir / "prometheus.log"
     for _attempt in range(3):  # the free port can be taken between the probe and prometheus's bind
@@ -194,6 +197,8 @@ async def stack(prometheus_bin: str, tmp_path: Path, pg_server: PgServer) -> Asy
                         "listen": "127.0.0.1:0",
                         "protocol": "http",
                         "routes": [{"match": {"path_prefix": "/"}, "to": "hello"}],
+                        # as a sidecar's listener is: every client is one instance of one app
+                        "identity": WEB_CLIENT,
                     },
                 ],
             },
@@ -313,3 +318,7 @@ async def test_prometheus_answers_the_readme_query_with_the_traffic_sent(stack: 
     for app, per_second in (("orders", ORDERS_PER_S), ("billing", BILLING_PER_S)):
         assert per_second * 0.75 <= steady[app] <= per_second * 1.25, (app, steady, per_second)
     assert steady_http is not None and HTTP_PER_S * 0.75 <= steady_http <= HTTP_PER_S * 1.25, steady_http
+
+    # The HTTP rate by the client's identity labels: the same series, named by who sent them.
+    by_identity = await prom.query(f"sum by (app, version, instance, node) (rate({HTTP_REQUESTS}[4s]))", mid)
+    assert list(by_identity) == [tuple(sorted(WEB_CLIENT.items()))], by_identity

@@ -50,6 +50,16 @@ time.sleep(600)
 """
 
 
+def identity_labels(alloc: dict[str, Any]) -> set[str]:
+    """The identity labels the series of an allocation's traffic carry, as exposed."""
+    return {f'app="{alloc["job"]}"', f'version="{alloc["version"]}"', f'instance="{alloc["id"]}"', 'node="local"'}
+
+
+def labels_of(line: str) -> set[str]:
+    """The name="value" pairs of one exposition line (values here hold no commas)."""
+    return set(line[line.index("{") + 1 : line.rindex("}")].split(","))
+
+
 def upstreams_platform(state: Path, pg: PgServer) -> dict[str, Any]:
     """A `pointsman up` with what the sidecars here point at: a TCP echo job, an HTTP job and a
     static `pg` service (the session's PostgreSQL)."""
@@ -132,12 +142,11 @@ async def test_sidecars_point_an_app_at_its_upstreams_with_its_identity(tmp_path
 
         async with http.get(proc.url("/metrics")) as resp:
             metrics = await resp.text()
-        # Identity from placement: the statements count under the job's name, not the user's.
-        assert 'app="client"' in metrics
-        assert any(
-            line.startswith("pointsman_sql_denied_total") and 'app="client"' in line and 'rule="no-drop"' in line
-            for line in metrics.splitlines()
-        ), metrics
+        # Identity from placement: the statements count under the job's name (not the user's),
+        # with the instance's version, allocation and node; so do the HTTP requests.
+        who = identity_labels(client)
+        for series in ("pointsman_sql_statements_total{", "pointsman_http_requests_total{"):
+            assert any(line.startswith(series) and who <= labels_of(line) for line in metrics.splitlines()), series
         # The sidecar's listener names the instance behind it, for joins in PromQL.
         info = [line for line in metrics.splitlines() if line.startswith("pointsman_sidecar_info{")]
         mine = [line for line in info if f'instance="{client["id"]}"' in line]
@@ -165,13 +174,15 @@ async def test_sidecars_point_an_app_at_its_upstreams_with_its_identity(tmp_path
 
 
 REPORTER = """
-import sys, time
+import sys, time, urllib.request
 import psycopg
 with psycopg.connect(host=sys.argv[1], port=sys.argv[2], user=sys.argv[3], dbname=sys.argv[4], sslmode="disable",
                      application_name="not-me", connect_timeout=5, autocommit=True) as conn:
     for _ in range(3):
         conn.execute("SELECT 1")
-    print("done", flush=True)
+for _ in range(2):
+    urllib.request.urlopen(f"http://{sys.argv[1]}:{sys.argv[5]}/", timeout=5).read()
+print("done", flush=True)
 time.sleep(600)
 """
 
@@ -180,17 +191,28 @@ time.sleep(600)
 async def test_a_shared_listener_knows_a_namespaced_client_by_its_address(tmp_path: Path, pg_server: PgServer) -> None:
     """No sidecar: the client has an address of its own, and the SQL listener maps it to the
     instance (and so the job) that owns it - over whatever application_name the client claims."""
-    with socket.socket() as sock:
-        sock.bind(("0.0.0.0", 0))
-        port = sock.getsockname()[1]
+    ports = []
+    for _ in range(2):
+        with socket.socket() as sock:
+            sock.bind(("0.0.0.0", 0))
+            ports.append(sock.getsockname()[1])
+    port, http_port = ports
     config = tmp_path / "pointsman.yaml"
     data = _config(tmp_path / "state", pg_server, client_count=0)
-    data["clusters"] = {"pg": {"endpoints": [f"127.0.0.1:{pg_server.port}"]}}
-    data["listeners"] = [{"name": "shared-sql", "listen": f"0.0.0.0:{port}", "protocol": "postgres", "to": "pg"}]
+    data["clusters"] = {
+        "pg": {"endpoints": [f"127.0.0.1:{pg_server.port}"]},
+        "web": {"service": "web", "port": "http"},
+    }
+    data["listeners"] = [
+        {"name": "shared-sql", "listen": f"0.0.0.0:{port}", "protocol": "postgres", "to": "pg"},
+        {"name": "shared-http", "listen": f"0.0.0.0:{http_port}", "routes": [{"name": "all", "to": "web"}]},
+    ]
     data["jobs"].append(
         {
             "name": "reporter",
-            "command": [sys.executable, "-c", REPORTER, "10.213.0.1", str(port), SUPERUSER, DATABASE],
+            "command": [
+                *(sys.executable, "-c", REPORTER, "10.213.0.1", str(port), SUPERUSER, DATABASE, str(http_port))
+            ],
             "network": "namespace",
             "resources": {"cpu": 0.1, "memory": "64Mi"},
         }
@@ -210,5 +232,22 @@ async def test_a_shared_listener_knows_a_namespaced_client_by_its_address(tmp_pa
             )
 
         await eventually(reported, 30, "three SELECTs counted under the reporter job")
-        async with http.get(proc.url("/metrics")) as resp:
-            assert 'app="not-me"' not in await resp.text()
+        (reporter,) = [a for a in await _allocs(http, proc.admin) if a["job"] == "reporter"]
+        who = identity_labels(reporter)
+
+        async def metrics() -> list[str]:
+            async with http.get(proc.url("/metrics")) as resp:
+                return (await resp.text()).splitlines()
+
+        async def served() -> bool:
+            return any(
+                line.startswith("pointsman_http_requests_total{")
+                and who | {'listener="shared-http"'} <= labels_of(line)
+                and line.endswith(" 2.0")
+                for line in await metrics()
+            )
+
+        await eventually(served, 10, "two HTTP requests counted under the reporter's instance")
+        lines = await metrics()
+        assert not any('app="not-me"' in line for line in lines)
+        assert any(line.startswith("pointsman_sql_statements_total{") and who <= labels_of(line) for line in lines)
