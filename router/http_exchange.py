@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 from bisect import bisect_left
 from collections import deque
+from time import perf_counter
 from typing import TYPE_CHECKING
 
 from router import http_upstream as pool
@@ -537,7 +538,7 @@ class HttpExchange(Tries, asyncio.Protocol):
                 labels = self._labels_of(req)
                 row = None
             stats.http_requests.values[labels.by_class[status // 100]] += 1  # .inc(), inlined
-            elapsed = now - req.start
+            elapsed = perf_counter() - req.start
             if row is not None:  # http_duration.observe(), inlined
                 row[bisect_left(self.buckets, elapsed)] += 1
                 row[-1] += elapsed
@@ -566,7 +567,8 @@ class HttpExchange(Tries, asyncio.Protocol):
             self._kick()
         elif self.parsing is not None:
             self._unpause(P_PIPELINE)
-            self._arm(T_HEADERS, self.parsing.start + self.header_timeout)
+            # parsing.start is a perf_counter() reading; the timers run on the loop's clock
+            self._arm(T_HEADERS, self.loop.time() + self.header_timeout - (perf_counter() - self.parsing.start))
         else:
             if self.read_pause & P_PIPELINE:
                 self._unpause(P_PIPELINE)
@@ -593,7 +595,7 @@ class HttpExchange(Tries, asyncio.Protocol):
         req.sent = True
         labels = self._labels_of(req)
         self.stats.http_requests.inc(labels.by_class[1])
-        self.stats.http_duration.observe(labels.duration, self.loop.time() - req.start)
+        self.stats.http_duration.observe(labels.duration, perf_counter() - req.start)
         # The request stays at the front of the queue, holding its endpoint and cluster
         # slots, until the tunnel ends (connection_lost releases them).
         if req.try_timer is not None:

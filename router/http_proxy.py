@@ -25,6 +25,7 @@ plain path (``spare``, see ``Request.renew``). Each is checked against what coul
 from __future__ import annotations
 
 import asyncio
+from time import perf_counter
 from typing import TYPE_CHECKING
 
 from httptools import HttpParserCallbackError, HttpParserError, HttpParserUpgrade, HttpRequestParser, parse_url
@@ -256,7 +257,7 @@ class HttpProxyProtocol(HttpExchange):
     def on_url(self, url: bytes) -> None:
         req = self.parsing
         if req is None:
-            now = self.loop.time()
+            now = perf_counter()
             spare = self.spare
             if spare is not None:
                 # The connection's last request, done with and plain (see _finish): renewing
@@ -466,7 +467,7 @@ class HttpProxyProtocol(HttpExchange):
         self.parsing = None
         self.in_headers = False
         if req is None:
-            req = Request(self.loop.time(), b"")
+            req = Request(perf_counter(), b"")
         if req in self.queue:
             if req.started:
                 # The body turned out malformed while it was being forwarded.

@@ -81,6 +81,8 @@ class Request:
     )
 
     def __init__(self, start: float, url: bytes) -> None:
+        # time.perf_counter() at the request's first byte: durations need sub-millisecond
+        # precision, and uvloop's loop.time() ticks in milliseconds
         self.start = start
         self.url = url
         self.method = b""
