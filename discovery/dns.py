@@ -200,7 +200,7 @@ class DnsServer:
         rcode = RCODE_NAMES.get(reply[3] & 0x0F, str(reply[3] & 0x0F))
         self.collector.queries.values[("", request.qtype, rcode, "tcp" if request.transport else "udp")] += 1
         send(reply)
-        self.collector.duration.observe(perf_counter() - started)
+        self.collector.duration.observe((), perf_counter() - started)
 
 
 def _bound_socket(host: str, port: int, kind: socket.SocketKind) -> socket.socket:
@@ -238,6 +238,7 @@ class _UdpServer:
         self.sock = sock
         self._loop = asyncio.get_running_loop()
         self._duration = server.collector.duration
+        self._duration_row = server.collector.duration_row
 
     def start(self) -> None:
         """Called once the server can answer (the reader is level-triggered: registering it
@@ -253,7 +254,7 @@ class _UdpServer:
         sendto = self.sock.sendto
         allow = server._allow_cache
         buckets = self._duration.buckets
-        counts = self._duration.counts
+        row = self._duration_row
         for _ in range(UDP_BATCH):
             try:
                 data, addr = recvfrom(65535)
@@ -273,8 +274,8 @@ class _UdpServer:
                 except OSError as exc:
                     self._send_failed(exc, addr)
                 elapsed = perf_counter() - started
-                counts[bisect.bisect_left(buckets, elapsed)] += 1
-                self._duration.sum += elapsed
+                row[bisect.bisect_left(buckets, elapsed)] += 1
+                row[-1] += elapsed
             elif isinstance(reply, Forward):
                 server.forward(reply, partial(self._send, sendto, addr=addr), started)
 
@@ -356,7 +357,7 @@ class _TcpConnection(asyncio.Protocol):
             server.forward(reply, self._send_forwarded, started)
             return
         self._send(reply)
-        server.collector.duration.observe(perf_counter() - started)
+        server.collector.duration.observe((), perf_counter() - started)
 
     def _send(self, reply: bytes) -> None:
         if self.transport is not None and not self.transport.is_closing():

@@ -22,8 +22,9 @@ from collections import deque
 from typing import Any
 
 from l7.model import IDENTITY_LABELS
-from router.metrics import RouterStats, fold
+from router.metrics import RouterStats
 from router.sql_metrics import _latency
+from units.metrics import fold
 
 _Key = tuple[str, ...]
 

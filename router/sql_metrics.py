@@ -21,7 +21,7 @@ from prometheus_client.registry import Collector
 
 from l7.classify import SqlClassifier
 from l7.model import IDENTITY_LABELS
-from router.metrics import LabelledCounter, LabelledHistogram, fold
+from units.metrics import LabelledCounter, LabelledHistogram, fold
 
 # The label prefix of every per-session series: the listener, its wire protocol (so that one
 # dashboard serves PostgreSQL and MySQL listeners) and the client's identity (l7.model.Identity).

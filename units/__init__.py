@@ -1,4 +1,5 @@
-"""Config units every package parses the same way: durations (``500ms``, ``2s``, ``1m``, ``1h``).
+"""Building blocks every package shares: config units (durations: ``500ms``, ``2s``, ``1m``, ``1h``)
+here, and the plain counters behind `/metrics` in :mod:`units.metrics`.
 
 Its own package, depending on pydantic only, because DESIGN's import rule keeps l7 and
 discovery from importing each other or the router, and each config section used to carry its
