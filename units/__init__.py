@@ -1,9 +1,10 @@
 """Building blocks every package shares: config units (durations: ``500ms``, ``2s``, ``1m``, ``1h``)
 here, and the plain counters behind `/metrics` in :mod:`units.metrics`.
 
-Its own package, depending on pydantic only, because DESIGN's import rule keeps l7 and
-discovery from importing each other or the router, and each config section used to carry its
-own copy of the parser. Every package may import this one; it imports none of them.
+Its own package, depending on pydantic and prometheus_client only, because DESIGN's import
+rule keeps l7 and discovery from importing each other or the router, and each config section
+used to carry its own copy of the parser (and the DNS server its own counters). Every package
+may import this one; it imports none of them.
 """
 
 from __future__ import annotations
