@@ -44,11 +44,52 @@ def _bad(errors: list[dict[str, str]], status: int = 400) -> web.Response:
     return web.json_response({"errors": errors}, status=status)
 
 
+def describe_jobs(reconciler: Reconciler) -> list[dict[str, Any]]:
+    """GET /jobs: every job with its counts (running, healthy, unplaced) and versions."""
+    out = []
+    live = reconciler.live()
+    for name, entry in reconciler.jobs.items():
+        allocs = [a for a in live if a.job == name]
+        unplaced = reconciler.unplaced.get(name)
+        out.append(
+            {
+                "name": name,
+                "version": entry.config.version,
+                "driver": entry.config.driver,
+                "source": entry.source,
+                "count": entry.config.count,
+                "running": sum(1 for a in allocs if a.status == "running"),
+                "healthy": sum(1 for a in allocs if a.health == "passing"),
+                "versions": sorted({a.version for a in allocs}),
+                "restarts": reconciler.restarts_total.get(name, 0),
+                "unplaced": None if unplaced is None else {"count": unplaced.count, "reason": unplaced.explanation},
+            }
+        )
+    return out
+
+
+def describe_allocs(reconciler: Reconciler, job: str | None = None, *, ended: bool = False) -> list[dict[str, Any]]:
+    """Live allocations by job and index; with `ended`, also the recent ones that ended."""
+    allocs = [*reconciler.allocs.values(), *(reconciler.history if ended else ())]
+    allocs.sort(key=lambda a: (a.job, a.index, a.created_at))
+    return [a.describe() for a in allocs if job is None or a.job == job]
+
+
+def find_alloc(reconciler: Reconciler, alloc_id: str) -> Alloc | None:
+    """A live or recently ended allocation by id, or by a unique prefix of it."""
+    candidates = [*reconciler.allocs.values(), *reconciler.history]
+    exact = [a for a in candidates if a.id == alloc_id]
+    if exact:
+        return exact[-1]
+    matches = {a.id: a for a in candidates if a.id.startswith(alloc_id)}
+    return next(iter(matches.values())) if len(matches) == 1 else None
+
+
 def scheduler_routes(get: Callable[[], Reconciler]) -> list[web.RouteDef]:
     """The routes; `get()` returns the running reconciler (routes are built before it starts)."""
 
     def alloc_or_404(request: web.Request) -> Alloc:
-        alloc = get().find(request.match_info["id"])
+        alloc = find_alloc(get(), request.match_info["id"])
         if alloc is None:
             reason = "no such allocation (or the prefix is ambiguous)"
             raise web.HTTPNotFound(
@@ -58,15 +99,15 @@ def scheduler_routes(get: Callable[[], Reconciler]) -> list[web.RouteDef]:
 
     async def jobs(request: web.Request) -> web.Response:
         reconciler = get()
-        return web.json_response({"jobs": reconciler.describe_jobs()})
+        return web.json_response({"jobs": describe_jobs(reconciler)})
 
     async def job(request: web.Request) -> web.Response:
         reconciler = get()
         name = request.match_info["name"]
-        found = [j for j in reconciler.describe_jobs() if j["name"] == name]
+        found = [j for j in describe_jobs(reconciler) if j["name"] == name]
         if not found:
             return _bad([{"path": "name", "reason": f"no job {name!r}"}], 404)
-        return web.json_response({**found[0], "allocations": reconciler.describe_allocs(name)})
+        return web.json_response({**found[0], "allocations": describe_allocs(reconciler, name)})
 
     async def submit(request: web.Request) -> web.Response:
         reconciler = get()
@@ -103,7 +144,7 @@ def scheduler_routes(get: Callable[[], Reconciler]) -> list[web.RouteDef]:
             return _bad(problems)
         await reconciler.submit(config)
         await reconciler.reconcile()
-        found = [j for j in reconciler.describe_jobs() if j["name"] == config.name]
+        found = [j for j in describe_jobs(reconciler) if j["name"] == config.name]
         return web.json_response(found[0], status=200 if existing is not None else 201)
 
     async def remove(request: web.Request) -> web.Response:
@@ -122,7 +163,7 @@ def scheduler_routes(get: Callable[[], Reconciler]) -> list[web.RouteDef]:
     async def allocations(request: web.Request) -> web.Response:
         reconciler = get()
         ended = request.query.get("ended", "") in ("1", "true", "yes")
-        return web.json_response({"allocations": reconciler.describe_allocs(request.query.get("job"), ended=ended)})
+        return web.json_response({"allocations": describe_allocs(reconciler, request.query.get("job"), ended=ended)})
 
     async def allocation(request: web.Request) -> web.Response:
         return web.json_response(alloc_or_404(request).describe())

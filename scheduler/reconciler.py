@@ -43,7 +43,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from discovery.registry import Check, Registration, Registry
 from discovery.store import Store
@@ -671,43 +671,7 @@ class Reconciler:
         alloc.registered = False
         await self.registry.deregister(alloc.job, alloc.id)
 
-    # -- reads -------------------------------------------------------------------------------
-
-    def describe_jobs(self) -> list[dict[str, Any]]:
-        out = []
-        for name, entry in self.jobs.items():
-            allocs = [a for a in self.live() if a.job == name]
-            unplaced = self.unplaced.get(name)
-            out.append(
-                {
-                    "name": name,
-                    "version": entry.config.version,
-                    "driver": entry.config.driver,
-                    "source": entry.source,
-                    "count": entry.config.count,
-                    "running": sum(1 for a in allocs if a.status == "running"),
-                    "healthy": sum(1 for a in allocs if a.health == "passing"),
-                    "versions": sorted({a.version for a in allocs}),
-                    "restarts": self.restarts_total.get(name, 0),
-                    "unplaced": None if unplaced is None else {"count": unplaced.count, "reason": unplaced.explanation},
-                }
-            )
-        return out
-
-    def describe_allocs(self, job: str | None = None, *, ended: bool = False) -> list[dict[str, Any]]:
-        """Live allocations by job and index; with `ended`, also the last HISTORY that ended."""
-        allocs = [*self.allocs.values(), *(self.history if ended else ())]
-        allocs.sort(key=lambda a: (a.job, a.index, a.created_at))
-        return [a.describe() for a in allocs if job is None or a.job == job]
-
-    def find(self, alloc_id: str) -> Alloc | None:
-        """A live or recently ended allocation by id, or by a unique prefix of it."""
-        candidates = [*self.allocs.values(), *self.history]
-        exact = [a for a in candidates if a.id == alloc_id]
-        if exact:
-            return exact[-1]
-        matches = {a.id: a for a in candidates if a.id.startswith(alloc_id)}
-        return next(iter(matches.values())) if len(matches) == 1 else None
+    # -- reads (the API's views of these records are in scheduler/api.py) --------------------
 
     def log_paths(self, alloc: Alloc) -> tuple[Path, Path] | None:
         """The stdout and stderr files of the allocation's task (None if its driver is not here)."""

@@ -21,6 +21,7 @@ import pytest
 
 from discovery.registry import Registry
 from discovery.store_sqlite import SqliteStore
+from scheduler.api import describe_allocs, describe_jobs
 from scheduler.config import JobConfig, NodeConfig
 from scheduler.drivers.process import ProcessDriver, proc_starttime
 from scheduler.reconciler import Reconciler
@@ -170,7 +171,7 @@ async def test_crash_loop_fails_the_allocation_and_places_a_replacement(tmp_path
         assert first.message.startswith("failed after 2 restarts within 300s")
         # A replacement (a new allocation for index 0) is placed after a backoff.
         await until(lambda: any(a.id != first.id and a.index == 0 for a in r.allocs.values()), "a replacement")
-        ended = [a["id"] for a in r.describe_allocs("crash", ended=True) if a["status"] == "failed"]
+        ended = [a["id"] for a in describe_allocs(r, "crash", ended=True) if a["status"] == "failed"]
         assert first.id in ended
         _, stderr = r.log_paths(first) or (None, None)
         assert stderr is not None and "boom" in stderr.read_text()
@@ -251,7 +252,7 @@ async def test_unsatisfiable_job_is_explained(tmp_path: Path) -> None:
         await until(lambda: {"huge", "picky"} <= set(r.unplaced), "both unplaced")
         assert r.unplaced["huge"].explanation == "Resources exhausted on 2 nodes: cpu"
         assert r.unplaced["picky"].explanation == 'Constraint "premise = onprem" filtered 2 nodes'
-        described = {j["name"]: j["unplaced"] for j in r.describe_jobs()}
+        described = {j["name"]: j["unplaced"] for j in describe_jobs(r)}
         assert described["huge"] == {"count": 1, "reason": "Resources exhausted on 2 nodes: cpu"}
         assert r.live() == []
 
