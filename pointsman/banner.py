@@ -36,6 +36,8 @@ def banner(supervisor: Supervisor) -> str:
             lines.append(f"  {name:<12} http://{format_address((host, port))}/")
         elif protocol == "postgres":
             lines.append(f"  {name:<12} psql -h {host} -p {port}   (SQL listener)")
+        elif protocol == "mysql":
+            lines.append(f"  {name:<12} mariadb -h {host} -P {port}   (SQL listener)")
         else:
             lines.append(f"  {name:<12} tcp {format_address((host, port))}")
     discovery = supervisor.component("discovery")

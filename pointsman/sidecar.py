@@ -38,7 +38,7 @@ class LocalUpstream:
 
 def upstream_routes(upstreams: Iterable[LocalUpstream]) -> tuple[dict[str, ClusterConfig], list[ListenerConfig]]:
     """The router listeners and clusters of a set of local upstreams: one cluster per service
-    and port (following the catalog), http with retries on connect failure, tcp and postgres
+    and port (following the catalog), http with retries on connect failure, tcp and SQL
     forwarding as a whole; http and SQL ones count (and SQL ones police) their clients as the
     upstream's identity."""
     clusters: dict[str, ClusterConfig] = {}
