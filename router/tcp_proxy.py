@@ -139,7 +139,7 @@ class TcpProxyProtocol(asyncio.Protocol):
         self._client_eof = True
         up = self._up_transport
         if up is not None and not up.is_closing():
-            up.write_eof()
+            _half_close(up)
         if self._up is not None and self._up.eof:
             self._close_both()
         # True: keep the socket open so the upstream's answer can still be written to it.
@@ -268,14 +268,14 @@ class TcpProxyProtocol(asyncio.Protocol):
             transport.write(chunk)
             self._bytes.inc(self._bytes_key, len(chunk))
         if self._client_eof:
-            transport.write_eof()
+            _half_close(transport)
 
     # -- upstream side events ------------------------------------------------------------------
 
     def _upstream_eof(self) -> None:
         down = self.transport
         if down is not None and not down.is_closing():
-            down.write_eof()
+            _half_close(down)
         if self._client_eof:
             self._close_both()
 
@@ -355,3 +355,13 @@ class _UpstreamProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.session._upstream_lost(self)
+
+
+def _half_close(transport: asyncio.Transport) -> None:
+    """Pass a FIN on: ``write_eof`` where the transport can (TCP); a TLS transport cannot
+    half-close (TLS has no half-close; asyncio raises NotImplementedError), so it is closed,
+    after flushing what is buffered."""
+    if transport.can_write_eof():
+        transport.write_eof()
+    else:
+        transport.close()

@@ -125,6 +125,26 @@ async def test_tls_is_terminated_and_the_session_is_still_inspected(
     assert await count_rows(pg_server, table) == 2
 
 
+async def test_server_ending_a_tls_session_closes_the_client_cleanly(
+    pg_server: PgServer, certificate: tuple[str, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """The server's FIN cannot be passed on as a half-close over TLS: the proxy closes the TLS
+    connection (before, write_eof raised NotImplementedError and asyncio logged a fatal error)."""
+    cert, key = certificate
+    async with pg_proxy(pg_server, tls={"cert": cert, "key": key}) as proxy:
+        conn = await psycopg.AsyncConnection.connect(proxy.dsn(app="ended"), sslmode="require", autocommit=True)
+        pid = conn.info.backend_pid
+        async with await psycopg.AsyncConnection.connect(pg_server.dsn(), autocommit=True) as direct:
+            await direct.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        with pytest.raises(psycopg.OperationalError):
+            await conn.execute("SELECT 1")
+        await conn.close()
+        # The listener goes on serving TLS clients.
+        async with await psycopg.AsyncConnection.connect(proxy.dsn(), sslmode="require") as again:
+            assert await (await again.execute("SELECT 4")).fetchone() == (4,)
+    assert not [r for r in caplog.records if "Fatal error" in r.getMessage()], caplog.text
+
+
 # --- cancel -------------------------------------------------------------------------------------------------
 
 
