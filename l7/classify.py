@@ -370,8 +370,8 @@ class SqlClassifier:
         self.dialect: Dialect = dialect
         self.backslash_escapes = backslash_escapes
         self.cache: DigestCache[Statement] = DigestCache(cache_size)
-        # First level, PostgreSQL only: whole texts by skeleton (sql_lexer.skeleton), which
-        # spares the lexer for queries that differ from an earlier one only in literals.
+        # First level: whole texts by skeleton (sql_lexer.skeleton), which spares the lexer
+        # for queries that differ from an earlier one only in literals.
         self.texts: DigestCache[tuple[Statement, ...]] = DigestCache(cache_size)
 
     @property
@@ -385,7 +385,7 @@ class SqlClassifier:
         return self.cache.misses
 
     def classify(self, sql: str) -> list[Statement]:
-        key = skeleton(sql) if self.dialect == "postgres" else None
+        key = skeleton(sql, self.dialect)
         if key is not None:
             known = self.texts.get(key)
             if known is not None:

@@ -28,11 +28,11 @@ Opaque statements: an unrecognised statement is verb ``OTHER`` with no tables; a
 of a name this connection never prepared stays verb ``EXECUTE`` with no ``inner`` and no
 tables. A rule listing verbs matches them only if it lists ``OTHER`` / ``EXECUTE``; a rule
 with ``tables`` never matches them. So a deny rule on ``DELETE`` does not stop an opaque
-statement that might be a DELETE. The blocking filter that will call this engine must
-therefore have a ``fail_closed`` setting that refuses :func:`is_opaque` statements *before*
-asking the engine (as the design says of undecodable bytes), while a counting-only filter
-lets them through and counts them; alternatively a config can deny ``verbs: [OTHER, EXECUTE]``
-explicitly, but then resolved EXECUTEs (verb = the prepared statement's verb) still pass.
+statement that might be a DELETE. So :meth:`PolicyEngine.decide_many` (what the session
+filters call) fails closed: when some deny or rate-limit rule can apply to the session (its
+identity matches, whatever the verbs), an opaque statement is refused, in that rule's name, as
+undecodable bytes are; a session no enforcing rule covers is only counted. :meth:`decide`
+(one statement, used by tests and tools) keeps the plain rule semantics.
 
 Token buckets are kept per (rule name, app) and refilled from ``now``; a clock going
 backwards refills nothing. The app name comes from the client (``application_name``), so
@@ -216,6 +216,12 @@ class PolicyEngine:
                 return _with_observed(d, observed)
             if result is None or _outranks(d, result):
                 result = d
+        if any(is_opaque(st) for st in statements):
+            rule = self._enforcing_rule(app, user, database, source)
+            if rule is not None:  # fail closed: what it does cannot be known here
+                self._rollback(journal)
+                message = f"statement denied by policy {rule!r}: what it does cannot be known"
+                return Decision("deny", rule, SQLSTATE_DENIED, message, observed=tuple(observed))
         return _with_observed(result or ALLOW, observed)
 
     def prune(self, now: float) -> int:
@@ -240,7 +246,14 @@ class PolicyEngine:
     def enforces_on(self, app: str, user: str, database: str, source: Identity | None = None) -> bool:
         """Whether some deny or rate-limit rule can apply to a session with this identity
         (whatever its statements and the time): such a session must fail closed."""
-        return any(_refuses(rule.config) and rule.identity_matches(app, user, database, source) for rule in self._rules)
+        return self._enforcing_rule(app, user, database, source) is not None
+
+    def _enforcing_rule(self, app: str, user: str, database: str, source: Identity | None) -> str | None:
+        """The first deny or rate-limit rule that can apply to a session with this identity."""
+        for rule in self._rules:
+            if _refuses(rule.config) and rule.identity_matches(app, user, database, source):
+                return rule.name
+        return None
 
     # -- internals ----------------------------------------------------------------------
 

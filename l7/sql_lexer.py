@@ -254,9 +254,27 @@ def _keep_identifiers(m: re.Match[str]) -> str:
     return m.group(1) or _HOLE
 
 
-def skeleton(sql: str) -> str | None:
-    """PostgreSQL text with plain literals replaced by a NUL, or None when that could be
-    ambiguous (see above). Equal skeletons classify alike; the converse need not hold."""
+# MySQL: besides comments ("#" too) and backslashes, a double-quoted text (a string, or with
+# ANSI_QUOTES an identifier), a backquoted identifier (`1` is a name, not a number) and
+# PREPARE ... FROM 'text' (classified from its literal) keep a text from having a skeleton.
+_MY_UNSAFE = re.compile(r"--|/\*|#|\\|\"|`|\0|(?i:prepare)")
+_MY_LITERALS = re.compile(r"'[^']*(?:''[^']*)*'|(?<![\w$.@])(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?(?![\w$.])")
+
+# Longer texts get no skeleton: as cache keys they would cost more memory than lexing saves.
+SKELETON_TEXT_MAX = 16384
+
+
+def skeleton(sql: str, dialect: str = "postgres") -> str | None:
+    """The text with plain literals replaced by a NUL, or None when that could be ambiguous
+    (see above) or the text is long. Equal skeletons classify alike; the converse need not
+    hold."""
+    if len(sql) > SKELETON_TEXT_MAX:
+        return None
+    if dialect == "mysql":
+        if _MY_UNSAFE.search(sql):
+            return None
+        key = _MY_LITERALS.sub(_HOLE, sql)
+        return None if "'" in key else key
     if _HOLE in sql or _PG_UNSAFE.search(sql):
         return None
     if '"' in sql:

@@ -8,9 +8,14 @@ Data flow::
 Differences from a plain TCP session (router/tcp_proxy.py, which this extends): every chunk
 goes through the session filter (l7/mysql_filter.py); the server speaks first, so the upstream
 is opened at once, as for TCP, but the client is read right away (its bytes are queued until
-the upstream is connected). An SSLRequest is answered by a TLS handshake with the client
-when the listener has ``tls``; the server is spoken to in clear. A rate limit with
-``over: delay`` stops reading the client until the delay is over.
+the upstream is connected). A rate limit with ``over: delay`` stops reading the client until
+the delay is over.
+
+TLS towards the client (listener ``tls``; the server is spoken to in clear) runs over memory
+BIOs (:class:`_ClientTls`) rather than ``loop.start_tls``: a MySQL client sends its ClientHello
+right behind the SSLRequest without waiting for an answer, so both can arrive in one read, and
+the bytes already read must go to the TLS layer. TLS has no half-close, so the server ending
+its side closes the client connection.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING
 
 from l7.mysql_filter import MySqlSession
 from l7.sql_context import SqlContext
@@ -34,13 +39,13 @@ log = logging.getLogger("pointsman.router.mysql")
 class MySqlProxyProtocol(TcpProxyProtocol):
     """The client side of a MySQL session."""
 
-    __slots__ = ("_delay", "_tls_task", "session")
+    __slots__ = ("_delay", "_tls", "session")
 
     def __init__(self, listener: ListenerHandle) -> None:
         super().__init__(listener)
         self.session: MySqlSession | None = None
         self._delay: asyncio.TimerHandle | None = None
-        self._tls_task: asyncio.Task[None] | None = None
+        self._tls: _ClientTls | None = None
 
     def _context(self) -> SqlContext:
         ctx = self.listener.sql
@@ -56,8 +61,21 @@ class MySqlProxyProtocol(TcpProxyProtocol):
 
     def data_received(self, data: bytes) -> None:
         session = self.session
-        if session is not None:
-            session.from_client(data)
+        if session is None:
+            return
+        tls = self._tls
+        if tls is not None:
+            try:
+                data, reply = tls.feed(data)
+            except (ssl.SSLError, EOFError) as exc:
+                log.info("listener %s: TLS with a client ended: %s", self.listener.name, exc)
+                self.close("TLS ended")
+                return
+            if reply and self.transport is not None:
+                self.transport.write(reply)
+            if not data:
+                return
+        session.from_client(data)
 
     def _to_server(self, data: bytes) -> None:
         up = self._up_transport
@@ -69,36 +87,21 @@ class MySqlProxyProtocol(TcpProxyProtocol):
 
     def _to_client(self, data: bytes) -> None:
         if self.transport is not None:
-            self.transport.write(data)
+            self.transport.write(data if self._tls is None else self._tls.wrap(data))
 
     def _make_upstream(self, endpoint: Endpoint) -> asyncio.Protocol:
         return _MySqlUpstreamProtocol(self, endpoint)
 
     # -- MySqlHooks -------------------------------------------------------------------------------
 
-    def start_tls(self) -> None:
+    def start_tls(self, early: bytes = b"") -> None:
         context = self.listener.sql_tls
         if context is None or self.transport is None:
             self.close("TLS is not configured")
             return
-        self.transport.pause_reading()
-        self._tls_task = asyncio.get_running_loop().create_task(self._handshake(context), name="mysql-tls")
-
-    async def _handshake(self, context: ssl.SSLContext) -> None:
-        transport = self.transport
-        assert transport is not None
-        loop = asyncio.get_running_loop()
-        try:
-            new = await loop.start_tls(transport, self, context, server_side=True, ssl_handshake_timeout=10.0)
-        except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
-            log.info("TLS handshake with a client of %s failed: %s", self.listener.name, exc)
-            new = None
-        if new is None:
-            transport.abort()
-            return
-        self.transport = cast(asyncio.Transport, new)
-        if self._up is not None:
-            self._up.peer = self.transport  # back-pressure pauses the TLS transport now
+        self._tls = _ClientTls(context)
+        if early:
+            self.data_received(early)
 
     def pause(self, seconds: float) -> None:
         transport = self.transport
@@ -128,11 +131,70 @@ class MySqlProxyProtocol(TcpProxyProtocol):
         if self._delay is not None:
             self._delay.cancel()
             self._delay = None
-        if self._tls_task is not None and not self._tls_task.done():
-            self._tls_task.cancel()
         if self.session is not None:
             self.session.end()
         super().connection_lost(exc)
+
+    def _upstream_eof(self) -> None:
+        if self._tls is None:
+            super()._upstream_eof()
+        elif self.transport is not None:
+            self.transport.write(self._tls.close())
+            self.transport.close()  # no half-close in TLS: the session is over
+
+
+class _ClientTls:
+    """Server-side TLS over memory BIOs: ciphertext in, plaintext out, and back."""
+
+    __slots__ = ("incoming", "obj", "outgoing", "pending", "ready")
+
+    def __init__(self, context: ssl.SSLContext) -> None:
+        self.incoming = ssl.MemoryBIO()
+        self.outgoing = ssl.MemoryBIO()
+        self.obj = context.wrap_bio(self.incoming, self.outgoing, server_side=True)
+        self.ready = False
+        self.pending: list[bytes] = []  # plaintext written before the handshake completed
+
+    def feed(self, data: bytes) -> tuple[bytes, bytes]:
+        """Ciphertext from the client: (plaintext for the session, bytes to send back).
+        Raises ssl.SSLError on a failed handshake or bad record, EOFError on close_notify."""
+        self.incoming.write(data)
+        if not self.ready:
+            try:
+                self.obj.do_handshake()
+            except ssl.SSLWantReadError:
+                return b"", self.outgoing.read()
+            self.ready = True
+            for held in self.pending:
+                self.obj.write(held)
+            self.pending.clear()
+        plain: list[bytes] = []
+        while True:
+            try:
+                chunk = self.obj.read(262144)
+            except ssl.SSLWantReadError:
+                break
+            except ssl.SSLZeroReturnError as exc:
+                raise EOFError("the client closed TLS") from exc
+            if not chunk:
+                break
+            plain.append(chunk)
+        return b"".join(plain), self.outgoing.read()
+
+    def wrap(self, data: bytes) -> bytes:
+        if not self.ready:
+            self.pending.append(data)
+            return b""
+        self.obj.write(data)
+        return self.outgoing.read()
+
+    def close(self) -> bytes:
+        """close_notify, best effort."""
+        try:
+            self.obj.unwrap()
+        except ssl.SSLError:
+            pass
+        return self.outgoing.read()
 
 
 class _MySqlUpstreamProtocol(_UpstreamProtocol):

@@ -81,6 +81,25 @@ async def test_denied_statement_in_a_multi_statement_string_runs_none(
         assert "42" in out and "no-destructive" in err
 
 
+async def test_statements_that_cannot_be_classified_fail_closed(pg_server: PgServer) -> None:
+    """An EXECUTE of a name this connection never prepared, or text the classifier does not
+    know: refused where an enforcing rule covers the session, passed to the server elsewhere."""
+    covered = {**DENY_DESTRUCTIVE, "match": {**DENY_DESTRUCTIVE["match"], "apps": ["guarded"]}}
+    async with pg_proxy(pg_server, [covered]) as proxy:
+        for app, refused in (("guarded", True), ("other", False)):
+            async with await psycopg.AsyncConnection.connect(proxy.dsn(app=app), autocommit=True) as conn:
+                for sql in ("EXECUTE never_prepared", "FROBNICATE the database"):
+                    with pytest.raises(psycopg.Error) as failed:
+                        await conn.execute(sql)
+                    if refused:  # by the proxy, in the covering rule's name
+                        assert failed.value.sqlstate == "42501" and "cannot be known" in str(failed.value)
+                    else:  # by the server: unknown statement name, syntax error
+                        assert failed.value.sqlstate in ("26000", "42601"), failed.value.sqlstate
+                assert await (await conn.execute("SELECT 7")).fetchone() == (7,)
+        assert proxy.counter("denied", rule="no-destructive", app="guarded") == 2
+        assert proxy.counter("denied", app="other") == 0
+
+
 @pytest.mark.parametrize(
     "sql",
     [

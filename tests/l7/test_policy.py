@@ -301,9 +301,31 @@ def test_execute_resolved_and_opaque() -> None:
     unknown, _, resolved = session.observe(clf.classify("EXECUTE q(1); PREPARE p AS DELETE FROM t; EXECUTE p(1)"))
     eng = engine({"name": "no-delete", "match": {"verbs": ["DELETE"]}, "action": "deny"})
     assert eng.decide(resolved, "a", "u", "d", NOON).action == "deny"
-    assert eng.decide(unknown, "a", "u", "d", NOON).action == "allow"  # the filter's fail_closed refuses it
+    assert eng.decide(unknown, "a", "u", "d", NOON).action == "allow"  # one statement: the plain rules
     assert is_opaque(unknown) and not is_opaque(resolved)
     assert is_opaque(clf.classify("frobnicate the db")[0])
+
+
+def test_decide_many_fails_closed_on_opaque_statements() -> None:
+    """What the filters ask: an opaque statement is refused when an enforcing rule covers the
+    session (by identity, whatever its verbs), in that rule's name; tokens taken are returned."""
+    clf = SqlClassifier("postgres")
+    opaque = clf.classify("frobnicate the db")
+    cap = {
+        "name": "cap",
+        "match": {"apps": ["orders"], "verbs": ["INSERT"]},
+        "action": {"rate_limit": "1/s", "over": "deny"},
+    }
+    eng = engine({"name": "watch", "action": "log"}, cap)
+    d = eng.decide_many([st("INSERT"), *opaque], "orders", "u", "d", NOON)
+    assert (d.action, d.rule, d.sqlstate) == ("deny", "cap", "42501")
+    assert d.message is not None and "cannot be known" in d.message
+    assert [o.rule for o in d.observed] == ["watch", "watch"]
+    # The INSERT's token was given back: the next INSERT still has the one token of the second.
+    assert eng.decide_many([st("INSERT")], "orders", "u", "d", NOON).action == "allow"
+    # A session no enforcing rule covers: counted, not refused.
+    assert eng.decide_many(opaque, "billing", "u", "d", NOON).action == "allow"
+    assert not eng.enforces_on("billing", "u", "d") and eng.enforces_on("orders", "u", "d")
 
 
 # -- rate limits -------------------------------------------------------------------------
