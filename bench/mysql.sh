@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# MySQL benchmark: a read-only point-select workload against a throwaway MariaDB directly and
-# through pointsman (a `protocol: mysql` listener with a deny policy), in one run, with the
-# ratio pointsman/direct checked against the floor. See bench/README.md.
+# MySQL benchmark: a read-only point-select workload against a throwaway MariaDB directly,
+# through HAProxy (TCP mode: a forwarder that reads no statement, the cost of the extra hop
+# alone) and through pointsman (a `protocol: mysql` listener with a deny policy), in one run,
+# with the ratio pointsman/direct checked against the floor. See bench/README.md.
 #
 #   bash bench/mysql.sh                                # DURATION=15 WARMUP=2 CLIENTS=8
 #   TARGETS=direct DURATION=3 bash bench/mysql.sh
@@ -9,7 +10,7 @@
 # Environment: DURATION (s per measured run), WARMUP (s before each measured run), CLIENTS
 # (concurrent connections), TABLE_SIZE (rows in sbtest1), BUFFER_POOL (the server's
 # innodb-buffer-pool-size), WORKLOADS (any of point-select point-select-prepared), TARGETS
-# (any of direct pointsman), TOOL (sysbench, mysqlslap, or auto: sysbench when it can be had),
+# (any of direct haproxy pointsman), TOOL (sysbench, mysqlslap, or auto: sysbench when it can be had),
 # CORE_PROXY / CORE_LOAD, OUT_DIR (default bench/out), KEEP_TMP=1.
 # Exit status: 0 the floor was met, 1 it was missed, 2 the benchmark could not run (also when
 # pointsman refused its config: the table for the other targets is printed first).
@@ -22,7 +23,7 @@ CLIENTS="${CLIENTS:-8}"
 TABLE_SIZE="${TABLE_SIZE:-100000}"
 BUFFER_POOL="${BUFFER_POOL:-256M}"  # the whole table, so no point select reads the disk
 WORKLOADS="${WORKLOADS:-point-select point-select-prepared}"
-TARGETS="${TARGETS:-direct pointsman}"
+TARGETS="${TARGETS:-direct haproxy pointsman}"
 TOOL="${TOOL:-auto}"
 OUT_DIR="${OUT_DIR:-$REPO_ROOT/bench/out}"
 
@@ -36,8 +37,8 @@ unset MYSQL_HOST MYSQL_TCP_PORT MYSQL_UNIX_PORT MYSQL_PWD MYSQL_HISTFILE
 
 for t in $TARGETS; do
     case "$t" in
-        direct | pointsman) ;;
-        *) die "unknown target '$t' in TARGETS (use direct, pointsman)" ;;
+        direct | haproxy | pointsman) ;;
+        *) die "unknown target '$t' in TARGETS (use direct, haproxy, pointsman)" ;;
     esac
 done
 [[ " $TARGETS " == *" pointsman "* ]] && require_pointsman
@@ -54,6 +55,7 @@ require_python
 bash "$REPO_ROOT/scripts/ensure-debian-packages.sh" /usr/sbin/mariadbd:mariadb-server \
     /usr/bin/mariadb-install-db:mariadb-server mariadb:mariadb-client mysqlslap:mariadb-client
 ensure_tools mariadb:mariadb-client curl:curl
+[[ " $TARGETS " == *" haproxy "* ]] && ensure_tools haproxy:haproxy
 case "$TOOL" in
     sysbench) ensure_tools sysbench:sysbench ;;
     mysqlslap) ensure_tools mysqlslap:mariadb-client ;;
@@ -73,7 +75,7 @@ case "$TOOL" in
 esac
 bench_init
 
-read -r PM_PORT ADMIN_PORT <<<"$(free_ports 2)"
+read -r PM_PORT ADMIN_PORT HAP_PORT <<<"$(free_ports 3)"
 CLK_TCK="$(getconf CLK_TCK)"
 RESULTS="$BENCH_TMP/results.tsv"
 : >"$RESULTS"
@@ -225,6 +227,25 @@ policies:
 EOF
 }
 
+# HAProxy: TCP mode, one thread (pointsman runs one event loop), on the proxy core.
+write_haproxy_config() {
+    cat >"$BENCH_TMP/haproxy.cfg" <<EOF
+global
+    nbthread 1
+    maxconn 4096
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 60s
+    timeout server 60s
+frontend mysql
+    bind 127.0.0.1:$HAP_PORT
+    default_backend mariadb
+backend mariadb
+    server my 127.0.0.1:$MY_PORT
+EOF
+}
+
 POINTSMAN_FAILED=0
 pointsman_refused() {
     echo "bench: pointsman could not run the benchmark's config ($BENCH_TMP/pointsman.yaml):" >&2
@@ -240,6 +261,16 @@ for target in $TARGETS; do
         direct)
             check_my MariaDB "$MY_PORT" || exit 2
             logname=mysqlserver measure direct "$MY_PORT" "$SERVER_PID" || exit 2
+            ;;
+        haproxy)
+            write_haproxy_config
+            haproxy -c -q -f "$BENCH_TMP/haproxy.cfg" || die "HAProxy refused its config"
+            start_bg haproxy "$CORE_PROXY" haproxy -db -f "$BENCH_TMP/haproxy.cfg"
+            pid=$LAST_PID
+            wait_port "$HAP_PORT" "$pid" haproxy || exit 2
+            check_my HAProxy "$HAP_PORT" || exit 2
+            measure haproxy "$HAP_PORT" "$pid" || exit 2
+            stop_bg "$pid"
             ;;
         pointsman)
             write_pointsman_config
@@ -316,12 +347,17 @@ print()
 print(sys.argv[2])
 print()
 print(table(headers, rows) + noise_warnings([[r[0], r[1], r[6].rstrip("%"), r[7].rstrip("%")] for r in rows]))
-ratios = []
-for workload in workloads:
-    pm, direct = runs.get(("pointsman", workload)), runs.get(("direct", workload))
-    ratios.append([LABEL.get(workload, workload), f"{pm / direct:.2f}" if pm and direct else "-"])
+def ratio(a: str, b: str, workload: str) -> str:
+    x, y = runs.get((a, workload)), runs.get((b, workload))
+    return f"{x / y:.2f}" if x and y else "-"
+
+
+ratios = [
+    [LABEL.get(w, w), ratio("pointsman", "direct", w), ratio("haproxy", "direct", w), ratio("pointsman", "haproxy", w)]
+    for w in workloads
+]
 print()
-print(table(["queries/s ratio", "pointsman/direct"], ratios))
+print(table(["queries/s ratio", "pointsman/direct", "haproxy/direct", "pointsman/haproxy"], ratios))
 v = Verdicts()
 pm, direct = runs.get(("pointsman", FLOOR_WORKLOAD)), runs.get(("direct", FLOOR_WORKLOAD))
 if pm and direct:
@@ -343,7 +379,7 @@ if ((POINTSMAN_FAILED)); then
 fi
 if mkdir -p "$OUT_DIR/mysql-$stamp" 2>/dev/null; then
     cp "$BENCH_TMP"/table.txt "$BENCH_TMP/$TOOL"-*.txt "$OUT_DIR/mysql-$stamp/" 2>/dev/null || true
-    cp "$BENCH_TMP"/pointsman.yaml "$BENCH_TMP"/pointsman-metrics.txt "$OUT_DIR/mysql-$stamp/" 2>/dev/null || true
+    cp "$BENCH_TMP"/pointsman.yaml "$BENCH_TMP"/pointsman-metrics.txt "$BENCH_TMP"/haproxy.cfg "$OUT_DIR/mysql-$stamp/" 2>/dev/null || true
     log "table and raw $TOOL output saved in ${OUT_DIR#"$REPO_ROOT"/}/mysql-$stamp/"
 fi
 exit "$status"
