@@ -50,6 +50,7 @@ bench: $(STAMP)
 	bash bench/http.sh
 	bash bench/tcp.sh
 	bash bench/pg.sh
+	bash bench/mysql.sh
 	bash bench/dns.sh
 
 clean:
