@@ -172,6 +172,12 @@ class RouteMatch(Strict):
     path_regex: str | None = Field(default=None, description="regular expression matched against the whole path")
     methods: list[str] | None = None
     headers: dict[str, str] = Field(default_factory=dict, description="exact header values")
+    apps: list[str] | None = Field(
+        default=None,
+        description="the client's app (its identity: the listener's, or the placement table's "
+        "instance for the client address); globs, * any run of characters",
+    )
+    versions: list[str] | None = Field(default=None, description="the client instance's version; globs")
 
     @model_validator(mode="after")
     def _check(self) -> RouteMatch:
@@ -187,6 +193,10 @@ class RouteMatch(Strict):
                 re.compile(self.path_regex)
             except re.error as exc:
                 raise ValueError(f"path_regex {self.path_regex!r} is not a valid regular expression: {exc}") from None
+        for key in ("apps", "versions"):
+            value = getattr(self, key)
+            if value is not None and (not value or any(not v.strip() for v in value)):
+                raise ValueError(f"{key}: give at least one non-empty pattern, or omit the key to match anything")
         if self.host is not None and "*" in self.host.removeprefix("*."):
             raise ValueError(f"host {self.host!r}: only a leading '*.' wildcard is supported")
         return self

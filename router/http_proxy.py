@@ -419,9 +419,9 @@ class HttpProxyProtocol(HttpExchange):
         host = normalise_host(req.host.decode("latin-1"))
         path = raw_path.decode("latin-1")
         if table.uses_headers:
-            route = table.match(req.method_str, host, path, req.header_dict())
+            route = table.match(req.method_str, host, path, req.header_dict(), self.who)
         else:
-            route = table.match(req.method_str, host, path, _NO_HEADERS)
+            route = table.match(req.method_str, host, path, _NO_HEADERS, self.who)
         clusters = route.clusters if route is not None else ()
         cluster = clusters[0] if len(clusters) == 1 else None
         if not table.uses_headers:

@@ -11,6 +11,7 @@ import bisect
 import random
 import re
 from collections.abc import Mapping
+from fnmatch import translate
 
 from router.cluster import Cluster
 from router.config import RetryConfig, RouteConfig
@@ -37,6 +38,7 @@ class Route:
         "_host",
         "_host_suffix",
         "_rng",
+        "apps",
         "clusters",
         "headers",
         "index",
@@ -48,6 +50,7 @@ class Route:
         "retries",
         "timeout",
         "total_weight",
+        "versions",
     )
 
     def __init__(self, index: int, config: RouteConfig, clusters: Mapping[str, Cluster]) -> None:
@@ -66,6 +69,8 @@ class Route:
         self.path_regex = re.compile(match.path_regex) if match.path_regex is not None else None
         self.methods = frozenset(m.upper() for m in match.methods) if match.methods else None
         self.headers = tuple((k.lower(), v) for k, v in match.headers.items())
+        self.apps = _globs(match.apps)
+        self.versions = _globs(match.versions)
         if config.to is not None:
             targets = [(clusters[config.to], 1)]
         else:
@@ -81,7 +86,10 @@ class Route:
         self.retries: RetryConfig | None = config.retries
         self.timeout = config.timeout
 
-    def matches(self, method: str, host: str, path: str, headers: Mapping[str, str]) -> bool:
+    def matches(
+        self, method: str, host: str, path: str, headers: Mapping[str, str], who: tuple[str, ...] = ("", "")
+    ) -> bool:
+        """``who``: the client's identity labels (app, version, ...), known per connection."""
         if self._host is not None and host != self._host:
             return False
         if self._host_suffix is not None and not (
@@ -99,7 +107,9 @@ class Route:
         for name, value in self.headers:
             if headers.get(name) != value:
                 return False
-        return True
+        if self.apps is not None and self.apps.match(who[0]) is None:
+            return False
+        return self.versions is None or self.versions.match(who[1]) is not None
 
     def pick_cluster(self) -> Cluster:
         """The route's cluster; for a split, chosen by weight."""
@@ -129,9 +139,20 @@ class RouteTable:
     def build(cls, listener: str, configs: list[RouteConfig], clusters: Mapping[str, Cluster]) -> RouteTable:
         return cls(listener, [Route(i, c, clusters) for i, c in enumerate(configs)])
 
-    def match(self, method: str, host: str, path: str, headers: Mapping[str, str]) -> Route | None:
-        """First route that matches; ``host`` already normalised, ``path`` without the query."""
+    def match(
+        self, method: str, host: str, path: str, headers: Mapping[str, str], who: tuple[str, ...] = ("", "")
+    ) -> Route | None:
+        """First route that matches; ``host`` already normalised, ``path`` without the query,
+        ``who`` the client's identity labels (a connection's route cache stays valid: they do
+        not change within a connection)."""
         for route in self.routes:
-            if route.matches(method, host, path, headers):
+            if route.matches(method, host, path, headers, who):
                 return route
         return None
+
+
+def _globs(patterns: list[str] | None) -> re.Pattern[str] | None:
+    """One case-sensitive regex for a list of globs (None: match anything)."""
+    if patterns is None:
+        return None
+    return re.compile("|".join(f"(?:{translate(p.strip())})" for p in patterns))

@@ -302,3 +302,36 @@ async def test_no_available_endpoint_is_503() -> None:
         async with session.get(base + "/") as response:
             assert response.status == 200
         assert router.stats.http_requests.get(("web", "", "", "", "", "all", "up", "5xx")) == 1
+
+
+async def test_routes_by_the_clients_identity() -> None:
+    """`match: {apps, versions}` routes by who the client is (here a listener's fixed
+    identity, as a sidecar's; the placement table's instance in tests/pointsman/test_sidecars.py),
+    and the identity labels the request series."""
+    async with http_upstream(echo_app("a")) as a, http_upstream(echo_app("b")) as b:
+        clusters = {"a": {"endpoints": [f"{a[0]}:{a[1]}"]}, "b": {"endpoints": [f"{b[0]}:{b[1]}"]}}
+        routes = [
+            {"name": "canary", "match": {"apps": ["web*"], "versions": ["v2*"]}, "to": "b"},
+            {"name": "all", "to": "a"},
+        ]
+        config = http_config(clusters, routes)
+        config["listeners"] = [
+            {**config["listeners"][0], "name": name, "identity": identity}
+            for name, identity in (
+                ("canary", {"app": "web-frontend", "version": "v2.1", "instance": "web-3", "node": "n2"}),
+                ("stable", {"app": "web-frontend", "version": "v1", "instance": "web-1", "node": "n1"}),
+                ("other", {"app": "billing", "version": "v2"}),
+            )
+        ]
+        async with running_router(config) as router, aiohttp.ClientSession() as session:
+            served = {}
+            for listener in ("canary", "stable", "other"):
+                host, port = router.address_of(listener)
+                for _ in range(2):  # the second request takes the connection's route cache
+                    async with session.get(f"http://{host}:{port}/x") as response:
+                        assert response.status == 200
+                        served.setdefault(listener, set()).add((await response.json())["name"])
+            assert served == {"canary": {"b"}, "stable": {"a"}, "other": {"a"}}
+            requests = router.stats.http_requests
+            assert requests.get(("canary", "web-frontend", "v2.1", "web-3", "n2", "canary", "b", "2xx")) == 2
+            assert requests.get(("other", "billing", "v2", "", "", "all", "a", "2xx")) == 2
