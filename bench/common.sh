@@ -260,3 +260,37 @@ check_targets() {
     [[ " $TARGETS " == *" pointsman "* ]] && require_pointsman
     return 0
 }
+
+# write_tcp_haproxy_config FILE LISTEN_PORT SERVER_PORT: HAProxy as a plain TCP forwarder (one
+# thread, as pointsman runs one event loop) from 127.0.0.1:LISTEN_PORT to 127.0.0.1:SERVER_PORT.
+# The SQL benchmarks run it beside pointsman: it reads no statement, so its ratio to a direct
+# connection is the price of the extra hop alone.
+write_tcp_haproxy_config() {
+    cat >"$1" <<EOF
+global
+    nbthread 1
+    maxconn 4096
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 60s
+    timeout server 60s
+frontend sql
+    bind 127.0.0.1:$2
+    default_backend server
+backend server
+    server db 127.0.0.1:$3
+EOF
+}
+
+# pointsman_refused LOG PROTOCOL: say that pointsman could not run the benchmark's config
+# ($BENCH_TMP/pointsman.yaml), with its output in LOG; sets POINTSMAN_FAILED=1.
+POINTSMAN_FAILED=0
+pointsman_refused() {
+    echo "bench: pointsman could not run the benchmark's config ($BENCH_TMP/pointsman.yaml):" >&2
+    sed 's/^/    /' "$BENCH_TMP/pointsman.yaml" >&2
+    echo "  its output:" >&2
+    sed 's/^/    /' "$1" >&2
+    echo "  (a 'protocol: $2' listener needs a pointsman that has one; the other targets' results follow)" >&2
+    POINTSMAN_FAILED=1
+}

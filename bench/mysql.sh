@@ -227,35 +227,6 @@ policies:
 EOF
 }
 
-# HAProxy: TCP mode, one thread (pointsman runs one event loop), on the proxy core.
-write_haproxy_config() {
-    cat >"$BENCH_TMP/haproxy.cfg" <<EOF
-global
-    nbthread 1
-    maxconn 4096
-defaults
-    mode tcp
-    timeout connect 5s
-    timeout client 60s
-    timeout server 60s
-frontend mysql
-    bind 127.0.0.1:$HAP_PORT
-    default_backend mariadb
-backend mariadb
-    server my 127.0.0.1:$MY_PORT
-EOF
-}
-
-POINTSMAN_FAILED=0
-pointsman_refused() {
-    echo "bench: pointsman could not run the benchmark's config ($BENCH_TMP/pointsman.yaml):" >&2
-    sed 's/^/    /' "$BENCH_TMP/pointsman.yaml" >&2
-    echo "  its output:" >&2
-    sed 's/^/    /' "$1" >&2
-    echo "  (a 'protocol: mysql' listener needs a pointsman that has one; the other targets' results follow)" >&2
-    POINTSMAN_FAILED=1
-}
-
 for target in $TARGETS; do
     case "$target" in
         direct)
@@ -263,7 +234,7 @@ for target in $TARGETS; do
             logname=mysqlserver measure direct "$MY_PORT" "$SERVER_PID" || exit 2
             ;;
         haproxy)
-            write_haproxy_config
+            write_tcp_haproxy_config "$BENCH_TMP/haproxy.cfg" "$HAP_PORT" "$MY_PORT"
             haproxy -c -q -f "$BENCH_TMP/haproxy.cfg" || die "HAProxy refused its config"
             start_bg haproxy "$CORE_PROXY" haproxy -db -f "$BENCH_TMP/haproxy.cfg"
             pid=$LAST_PID
@@ -276,13 +247,13 @@ for target in $TARGETS; do
             write_pointsman_config
             # check-config first: a refused config is reported as such, not as a crash.
             if ! "$POINTSMAN" check-config "$BENCH_TMP/pointsman.yaml" >"$BENCH_TMP/check-config.log" 2>&1; then
-                pointsman_refused "$BENCH_TMP/check-config.log"
+                pointsman_refused "$BENCH_TMP/check-config.log" mysql
                 continue
             fi
             start_bg pointsman "$CORE_PROXY" "$POINTSMAN" router --config "$BENCH_TMP/pointsman.yaml"
             pid=$LAST_PID
             if ! wait_port "$PM_PORT" "$pid" pointsman 30 2>/dev/null; then
-                pointsman_refused "$BENCH_TMP/pointsman.log"
+                pointsman_refused "$BENCH_TMP/pointsman.log" mysql
                 stop_bg "$pid"
                 continue
             fi

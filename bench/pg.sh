@@ -9,7 +9,8 @@
 #
 # Environment: DURATION (s per measured run), WARMUP (s of pgbench before each measured run),
 # CLIENTS / THREADS (pgbench -c / -j), SCALE (pgbench -i -s), SHARED_BUFFERS (the server's),
-# WORKLOADS (any of select select-prepared tpcb), TARGETS (any of direct pgbouncer pointsman),
+# WORKLOADS (any of select select-prepared tpcb), TARGETS (any of direct haproxy pgbouncer
+# pointsman; haproxy is a plain TCP forwarder: the price of the extra hop alone),
 # CORE_PROXY / CORE_LOAD, OUT_DIR (default bench/out), KEEP_TMP=1.
 # Exit status: 0 all floors met, 1 a floor was missed, 2 the benchmark could not run (also
 # when pointsman refused its config: the table for the other targets is printed first).
@@ -26,7 +27,7 @@ THREADS="${THREADS:-2}"
 SCALE="${SCALE:-10}"
 SHARED_BUFFERS="${SHARED_BUFFERS:-256MB}"  # the whole data set, so -S never reads the page cache
 WORKLOADS="${WORKLOADS:-select select-prepared tpcb}"
-TARGETS="${TARGETS:-direct pgbouncer pointsman}"
+TARGETS="${TARGETS:-direct haproxy pgbouncer pointsman}"
 OUT_DIR="${OUT_DIR:-$REPO_ROOT/bench/out}"
 
 # Every client connects explicitly (-h 127.0.0.1 -p PORT -U postgres, database test): none of
@@ -37,8 +38,8 @@ export PGCONNECT_TIMEOUT=5
 # common.sh's check_targets knows the HTTP/TCP targets (haproxy); this one has pgbouncer.
 for t in $TARGETS; do
     case "$t" in
-        direct | pgbouncer | pointsman) ;;
-        *) die "unknown target '$t' in TARGETS (use direct, pgbouncer, pointsman)" ;;
+        direct | haproxy | pgbouncer | pointsman) ;;
+        *) die "unknown target '$t' in TARGETS (use direct, haproxy, pgbouncer, pointsman)" ;;
     esac
 done
 [[ " $TARGETS " == *" pointsman "* ]] && require_pointsman
@@ -55,6 +56,7 @@ require_python
 # install; tests/pgserver.py then says clearly what is missing.
 bash "$REPO_ROOT/scripts/ensure-debian-packages.sh" '/usr/lib/postgresql/*/bin/initdb:postgresql'
 ensure_tools psql:postgresql-client pgbench:postgresql-client curl:curl
+[[ " $TARGETS " == *" haproxy "* ]] && ensure_tools haproxy:haproxy
 if [[ " $TARGETS " == *" pgbouncer "* ]]; then
     had_pgbouncer=1
     if ! command -v pgbouncer >/dev/null 2>&1 && [[ ! -x /usr/sbin/pgbouncer ]]; then
@@ -71,7 +73,7 @@ fi
 PGBOUNCER="$(command -v pgbouncer || echo /usr/sbin/pgbouncer)"
 bench_init
 
-read -r BOUNCER_PORT PM_PORT ADMIN_PORT <<<"$(free_ports 3)"
+read -r BOUNCER_PORT PM_PORT ADMIN_PORT HAP_PORT <<<"$(free_ports 4)"
 CLK_TCK="$(getconf CLK_TCK)"
 RESULTS="$BENCH_TMP/results.tsv"
 CACHE="$BENCH_TMP/cache.tsv"
@@ -227,21 +229,21 @@ policies:
 EOF
 }
 
-POINTSMAN_FAILED=0
-pointsman_refused() {
-    echo "bench: pointsman could not run the benchmark's config ($BENCH_TMP/pointsman.yaml):" >&2
-    sed 's/^/    /' "$BENCH_TMP/pointsman.yaml" >&2
-    echo "  its output:" >&2
-    sed 's/^/    /' "$1" >&2
-    echo "  (a 'protocol: postgres' listener needs a pointsman that has one; the other targets' results follow)" >&2
-    POINTSMAN_FAILED=1
-}
-
 for target in $TARGETS; do
     case "$target" in
         direct)
             check_pg PostgreSQL "$PG_PORT" || exit 2
             logname=pgserver measure direct "$PG_PORT" "$SERVER_PID" || exit 2
+            ;;
+        haproxy)
+            write_tcp_haproxy_config "$BENCH_TMP/haproxy.cfg" "$HAP_PORT" "$PG_PORT"
+            haproxy -c -q -f "$BENCH_TMP/haproxy.cfg" || die "HAProxy refused its config"
+            start_bg haproxy "$CORE_PROXY" haproxy -db -f "$BENCH_TMP/haproxy.cfg"
+            pid=$LAST_PID
+            wait_port "$HAP_PORT" "$pid" haproxy || exit 2
+            check_pg HAProxy "$HAP_PORT" || exit 2
+            measure haproxy "$HAP_PORT" "$pid" || exit 2
+            stop_bg "$pid"
             ;;
         pgbouncer)
             write_pgbouncer_config
@@ -256,13 +258,13 @@ for target in $TARGETS; do
             write_pointsman_config
             # check-config first: a refused config is reported as such, not as a crash.
             if ! "$POINTSMAN" check-config "$BENCH_TMP/pointsman.yaml" >"$BENCH_TMP/check-config.log" 2>&1; then
-                pointsman_refused "$BENCH_TMP/check-config.log"
+                pointsman_refused "$BENCH_TMP/check-config.log" postgres
                 continue
             fi
             start_bg pointsman "$CORE_PROXY" "$POINTSMAN" router --config "$BENCH_TMP/pointsman.yaml"
             pid=$LAST_PID
             if ! wait_port "$PM_PORT" "$pid" pointsman 30 2>/dev/null; then
-                pointsman_refused "$BENCH_TMP/pointsman.log"
+                pointsman_refused "$BENCH_TMP/pointsman.log" postgres
                 stop_bg "$pid"
                 continue
             fi
@@ -293,7 +295,7 @@ if ((POINTSMAN_FAILED)); then
 fi
 if mkdir -p "$OUT_DIR/pg-$stamp" 2>/dev/null; then
     cp "$BENCH_TMP"/table.txt "$BENCH_TMP"/pgbench-*.txt "$OUT_DIR/pg-$stamp/" 2>/dev/null || true
-    cp "$BENCH_TMP"/pointsman.yaml "$BENCH_TMP"/pointsman-metrics.txt "$BENCH_TMP"/pgbouncer/pgbouncer.ini \
+    cp "$BENCH_TMP"/pointsman.yaml "$BENCH_TMP"/pointsman-metrics.txt "$BENCH_TMP"/pgbouncer/pgbouncer.ini "$BENCH_TMP"/haproxy.cfg \
         "$OUT_DIR/pg-$stamp/" 2>/dev/null || true
     log "table and raw pgbench output saved in ${OUT_DIR#"$REPO_ROOT"/}/pg-$stamp/"
 fi

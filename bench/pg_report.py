@@ -138,16 +138,19 @@ def report(results: Path, cache: Path | None) -> tuple[str, bool]:
 
     ratio_rows = []
     for workload in workloads:
-        direct, bouncer, pm = (runs.get((t, workload)) for t in ("direct", "pgbouncer", "pointsman"))
+        direct, hap, bouncer, pm = (runs.get((t, workload)) for t in ("direct", "haproxy", "pgbouncer", "pointsman"))
         ratio_rows.append(
             [
                 WORKLOAD_LABEL.get(workload, workload),
                 ratio_text(pm, direct),
                 ratio_text(pm, bouncer),
+                ratio_text(pm, hap),
                 ratio_text(bouncer, direct),
+                ratio_text(hap, direct),
             ]
         )
-    text += "\n\n" + table(["tps ratio", "pointsman/direct", "pointsman/pgbouncer", "pgbouncer/direct"], ratio_rows)
+    headers = ["tps ratio", "pointsman/direct", "pointsman/pgbouncer", "pointsman/haproxy"]
+    text += "\n\n" + table([*headers, "pgbouncer/direct", "haproxy/direct"], ratio_rows)
 
     v = PgVerdicts()
     for workload in workloads:
