@@ -11,13 +11,17 @@ from __future__ import annotations
 import re
 from collections import deque
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from l7 import mysql_packets as p
 from l7.model import Statement
-from l7.mysql_policy import _PLAIN_MAX, OTHER, PolicyMixin, _plain_allow, _unquote
 from l7.mysql_replies import AUTH, LIST, PREPARE, RESULT, ROWS, SIMPLE, Pending
-from l7.policy import Decision, PolicyEngine
+from l7.policy import SQLSTATE_RATE_LIMITED, Decision, PolicyEngine
+from l7.sql_policy import OTHER, PLAIN_MAX, SqlPolicy, plain_allow
 from l7.sql_session import PreparedStatements
+
+if TYPE_CHECKING:
+    from l7.mysql_filter import MySqlHooks
 
 _NO_ANSWER = {p.COM_QUIT, p.COM_STMT_CLOSE, p.COM_STMT_SEND_LONG_DATA}
 _SIMPLE = {p.COM_PING, p.COM_INIT_DB, p.COM_SET_OPTION, p.COM_STMT_RESET, p.COM_RESET_CONNECTION, p.COM_STATISTICS}
@@ -33,8 +37,14 @@ _FORWARD = _Marker(b"forward")
 _DROP = _Marker(b"drop")
 
 
-class CommandsMixin(PolicyMixin):
-    """The command half of :class:`~l7.mysql_filter.MySqlSession` (its state lives there)."""
+class CommandsMixin(SqlPolicy):
+    """The command half of :class:`~l7.mysql_filter.MySqlSession` (its state lives there), on
+    the steps both SQL filters share (l7/sql_policy.py): a refusal is an ERR packet pointsman
+    answers itself, queued behind the answers to earlier commands; each counted statement waits
+    for its answer in l7/mysql_replies.py (with the database it makes current, for USE)."""
+
+    hooks: MySqlHooks
+    reply_seq: int
 
     fifo: deque[Pending]
     caps: int
@@ -52,6 +62,30 @@ class CommandsMixin(PolicyMixin):
 
     def _end_identity(self) -> None:
         raise NotImplementedError
+
+    def _answer(self, err: bytes) -> None:
+        raise NotImplementedError
+
+    def _refuse(self, d: Decision, stmts: Sequence[Statement]) -> None:
+        assert d.rule is not None
+        self._record_refusal(d, stmts)
+        self.ctx.metrics.errors.inc((*self.who, p.SQLSTATE_ACCESS[:2]))
+        limited = d.sqlstate == SQLSTATE_RATE_LIMITED
+        code = p.ER_USER_LIMIT_REACHED if limited else p.ER_TABLEACCESS_DENIED
+        message = d.message or f"denied by policy {d.rule!r}"
+        self._answer(p.err_packet(code, p.SQLSTATE_ACCESS, message, self.reply_seq))
+
+    def _count(self, stmts: Sequence[Statement], pending: Pending, switches: list[str | None]) -> None:
+        """Count statements about to run; ``switches``: per statement, the database it makes
+        current when it succeeds (empty: none changes it)."""
+        ctx = self.ctx
+        now = ctx.clock()
+        counter = ctx.metrics.statements
+        append = pending.stmts.append
+        for i, st in enumerate(stmts):
+            verb = st.verb
+            counter.inc(self._statement_key(verb))
+            append((verb, now, switches[i] if switches else None))
 
     def _query(self, body: bytes) -> bytes | None:
         held = self._released is not None
@@ -79,9 +113,9 @@ class CommandsMixin(PolicyMixin):
             if d is not None and d.action == "deny":
                 self._refuse(d, stmts)
                 return _DROP
-            if not held and len(stmts) == 1 and _plain_allow(engine, d):
+            if not held and len(stmts) == 1 and plain_allow(engine, d):
                 assert engine is not None
-                if self._plain_engine is not engine or len(plain) >= _PLAIN_MAX:
+                if self._plain_engine is not engine or len(plain) >= PLAIN_MAX:
                     plain.clear()
                     self._plain_engine = engine
                 plain[id(stmts[0])] = stmts[0]
@@ -151,7 +185,7 @@ class CommandsMixin(PolicyMixin):
             if d is not None and d.action == "deny":
                 self._refuse(d, stmts)
                 return _DROP
-            if known is not None and stmt_id >= 0 and not held and _plain_allow(engine, d):
+            if known is not None and stmt_id >= 0 and not held and plain_allow(engine, d):
                 assert engine is not None
                 self._allowed[stmt_id] = engine
         pending = Pending(RESULT, command)
@@ -206,3 +240,9 @@ class CommandsMixin(PolicyMixin):
         self.statements.clear()
         self._allowed.clear()
         self.prepared = PreparedStatements()
+
+
+def _unquote(name: str) -> str:
+    if name.startswith("`") and name.endswith("`") and len(name) >= 2:
+        return name[1:-1].replace("``", "`")
+    return name

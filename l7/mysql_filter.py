@@ -91,7 +91,7 @@ class MySqlSession(CommandsMixin, Replies):
         self.started = False
         self.closed = False
         self.passthrough = False
-        self.no_backslash = False  # NO_BACKSLASH_ESCAPES in the server's status flags
+        self.other_strings = False  # NO_BACKSLASH_ESCAPES in the server's status flags
         self.prepared = PreparedStatements()  # SQL PREPARE names
         self.statements: dict[int, list[Statement]] = {}  # protocol statement id -> classification
         self._shift = 0  # 1 after an SSLRequest: the server never saw it
@@ -395,7 +395,7 @@ class MySqlSession(CommandsMixin, Replies):
                     self.to_client(p.header(length, seq) + payload)
                     continue
                 rewritten, greeting = p.rewrite_greeting(payload, self.ctx.tls)
-                self.no_backslash = bool(greeting.status & p.SERVER_STATUS_NO_BACKSLASH_ESCAPES)
+                self.other_strings = bool(greeting.status & p.SERVER_STATUS_NO_BACKSLASH_ESCAPES)
                 self.phase = HANDSHAKE
                 self.to_client(p.header(length, seq) + rewritten)
                 continue
@@ -403,7 +403,7 @@ class MySqlSession(CommandsMixin, Replies):
                 raise ProtocolError("server spoke out of turn during the handshake")
             self.to_client(p.header(length, seq + self._shift) + payload)
             if payload[:1] == b"\x00":
-                self.no_backslash = bool(p.ok_status(payload) & p.SERVER_STATUS_NO_BACKSLASH_ESCAPES)
+                self.other_strings = bool(p.ok_status(payload) & p.SERVER_STATUS_NO_BACKSLASH_ESCAPES)
                 self.phase = COMMANDS
                 self._auth = False
             elif payload[:1] == b"\xff":
@@ -444,7 +444,7 @@ class MySqlSession(CommandsMixin, Replies):
             self.to_client(data[start:])
 
     def on_ok(self, head: Pending, status: int, *, end: bool) -> None:
-        self.no_backslash = bool(status & p.SERVER_STATUS_NO_BACKSLASH_ESCAPES)
+        self.other_strings = bool(status & p.SERVER_STATUS_NO_BACKSLASH_ESCAPES)
         if not end:
             return
         if head.kind == SIMPLE:

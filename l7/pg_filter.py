@@ -37,7 +37,6 @@ gives the statement's latency.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -49,14 +48,13 @@ from l7.pg_decoder import PgBackendDecoder, PgFrontendDecoder, report
 from l7.pg_refusal import extended_substitute, raise_statement, simple_substitute
 from l7.pg_scan import HEADER, STATUS, scan_client, scan_server
 from l7.pg_splice import Splicer
-from l7.policy import Decision, PolicyEngine, policy_log_line
+from l7.policy import Decision, PolicyEngine
 from l7.sql_context import PgHooks, SqlContext
+from l7.sql_policy import OTHER, PLAIN_MAX, SqlPolicy, plain_allow
 from l7.sql_session import PreparedStatements
 
 log = logging.getLogger("pointsman.sql")
 policy_log = logging.getLogger("pointsman.sql.policy")
-
-OTHER = Statement("OTHER")
 
 
 class _Unit:
@@ -76,8 +74,10 @@ class _Unit:
         self.refusal: str | None = None  # the message our substitute raises (its error is tidied)
 
 
-class PgSession:
+class PgSession(SqlPolicy):
     """One client connection's view of the protocol: identity, statements, policy."""
+
+    hooks: PgHooks
 
     def __init__(
         self,
@@ -118,7 +118,7 @@ class PgSession:
         self._open: _Unit | None = None  # extended messages since the last Sync
         self._discard = False  # dropping client messages until Sync (after a deny)
         self._cutting = 0  # units in the FIFO whose answers may need cutting
-        self._backslash = False  # standard_conforming_strings = off
+        self.other_strings = False  # standard_conforming_strings = off
         self._keys: dict[str, tuple[str, ...]] = {}  # verb -> statements label key
         self._dkeys: dict[str, tuple[str, ...]] = {}  # verb -> durations label key
         # protocol statement -> the engine that allowed it outright (no rule, nothing observed,
@@ -340,97 +340,24 @@ class PgSession:
             self._units.append(unit)
         return unit
 
-    def _classify(self, sql: str) -> list[Statement]:
-        ctx = self.ctx
-        clf = ctx.classifier_bs if self._backslash else ctx.classifier
-        try:
-            return self.prepared.observe(clf.classify(sql))
-        except Exception:  # a classifier bug must not take the connection down
-            log.exception("listener %s: classifier failed", ctx.listener)
-            return [OTHER]
-
-    def _decide(self, stmts: Sequence[Statement], *, take_tokens: bool = True) -> Decision | None:
-        engine = self.ctx.engine
-        if engine is None or not stmts:
-            return None
-        d = engine.decide_many(
-            stmts,
-            self.app,
-            self.user,
-            self.database,
-            self.ctx.wallclock(),
-            take_tokens=take_tokens,
-            source=self.identity,
-        )
-        if d.observed:
-            self._observed(d, stmts)
-        if d.rule is not None and (take_tokens or d.action == "deny"):
-            self.ctx.metrics.policy_matches.inc((d.rule, d.action))
-        return d
-
-    def _observed(self, d: Decision, stmts: Sequence[Statement]) -> None:
-        matches = self.ctx.metrics.policy_matches
-        for ob in d.observed:
-            matches.inc((ob.rule, ob.action))
-            st = stmts[ob.index] if ob.index < len(stmts) else OTHER
-            policy_log.info(policy_log_line(ob, st, self.app, self.user, self.database))
-
     def _refuse(self, d: Decision, unit: _Unit, stmts: Sequence[Statement]) -> str:
         """Count a refusal; the SQL that makes the server raise it in ``unit``."""
-        ctx = self.ctx
         assert d.rule is not None
         if not unit.cuts:
             unit.cuts = True
             self._cutting += 1
-        ctx.metrics.denied.inc((*self.who, d.rule))
-        record = {
-            "app": self.app,
-            "version": self.who[3],
-            "instance": self.who[4],
-            "node": self.who[5],
-            "user": self.user,
-            "database": self.database,
-            "verbs": [st.verb for st in stmts],  # of every statement refused with it
-            "tables": sorted({t for st in stmts for t in st.tables}),
-            "rule": d.rule,
-            "decision": "deny" if d.sqlstate != "53400" else "rate_limited",
-        }
-        policy_log.info(json.dumps(record, sort_keys=True, separators=(",", ":")))
+        self._record_refusal(d, stmts)
         sql, unit.refusal = raise_statement(d.sqlstate or "42501", d.message or f"denied by policy {d.rule!r}")
         return sql
-
-    def _delay(self, d: Decision) -> None:
-        ctx = self.ctx
-        ctx.metrics.delayed.inc((*self.who, d.rule or ""))
-        self._paused = True
-        self.hooks.pause(d.delay)
 
     def _count(self, stmts: Sequence[Statement], unit: _Unit) -> None:
         ctx = self.ctx
         now = ctx.clock()
-        keys = self._keys
         counter = ctx.metrics.statements
         for st in stmts:
             verb = st.verb
-            key = keys.get(verb)
-            if key is None:
-                key = keys[verb] = (*self.who, self.database, verb)
-            counter.inc(key)
+            counter.inc(self._statement_key(verb))
             unit.stmts.append((verb, now))
-
-    def _enforced(self, stmts: Sequence[Statement]) -> tuple[Decision | None, Sequence[Statement]] | None:
-        """The decision for statements about to run; None while a rate-limit delay holds them
-        (on resume the held decision is taken, not a new one)."""
-        if self._released is not None:
-            held, self._released = self._released, None
-            return held, self._pending_stmts
-        d = self._decide(stmts)
-        if d is not None and d.action == "delay":
-            self._pending_stmts = stmts
-            self._released = d
-            self._delay(d)
-            return None
-        return d, stmts
 
     def _query(self, text: str) -> bytes | None:
         self._open = None  # a Query ends any extended run (the server would process it)
@@ -457,11 +384,11 @@ class PgSession:
         self._units.append(unit)
         if d is not None and d.action == "deny":
             return simple_substitute(self._refuse(d, unit, stmts))
-        if not held and len(stmts) == 1 and _plain_allow(engine, d):
+        if not held and len(stmts) == 1 and plain_allow(engine, d):
             # The classifier's caches hand out the same Statement for texts that differ only
             # in literals: remember it (held here, so its id is not reused) for this engine.
             assert engine is not None
-            if self._plain_engine is not engine or len(plain) >= _PLAIN_MAX:
+            if self._plain_engine is not engine or len(plain) >= PLAIN_MAX:
                 plain.clear()
                 self._plain_engine = engine
             plain[id(stmts[0])] = stmts[0]
@@ -491,7 +418,7 @@ class PgSession:
         if d is not None and d.action == "deny":
             return self._substitute(unit, d, stmts)
         engine = self.ctx.engine
-        if parsed is not None and not held and _plain_allow(engine, d):
+        if parsed is not None and not held and plain_allow(engine, d):
             assert engine is not None
             self._allowed[name] = engine  # the same answer every time: ask once
         self._count(stmts, unit)
@@ -638,7 +565,7 @@ class PgSession:
             return False
         if cls is m.ParameterStatus:
             if ev.name == "standard_conforming_strings":  # type: ignore[attr-defined]
-                self._backslash = ev.value == "off"  # type: ignore[attr-defined]
+                self.other_strings = ev.value == "off"  # type: ignore[attr-defined]
             return False
         if cls is m.BackendKeyData:
             self.hooks.backend_key(ev.pid, ev.secret)  # type: ignore[attr-defined]
@@ -678,23 +605,6 @@ _OUTCOMES: dict[str | bytes, str] = {
     b"COMMIT": "committed",
     b"ROLLBACK": "rolled_back",
 }
-
-
-_PLAIN_MAX = 256  # statements remembered per session as allowed outright
-
-
-def _plain_allow(engine: PolicyEngine | None, d: Decision | None) -> bool:
-    """Whether ``d`` will be the engine's answer for the same statements at any time: a plain
-    allow (no rule decided, nothing observed: no counter, no log line) from rules without
-    time windows."""
-    return (
-        engine is not None
-        and engine.timeless
-        and d is not None
-        and d.action == "allow"
-        and d.rule is None
-        and not d.observed
-    )
 
 
 class _Marker(bytes):
