@@ -26,9 +26,9 @@ import ssl
 from typing import TYPE_CHECKING
 
 from l7.mysql_filter import MySqlSession
-from l7.sql_context import SqlContext
 from router.cluster import Cluster, Endpoint
-from router.tcp_proxy import TcpProxyProtocol, _UpstreamProtocol
+from router.sql_proxy import SqlProxyProtocol
+from router.tcp_proxy import _UpstreamProtocol
 
 if TYPE_CHECKING:
     from router.listeners import ListenerHandle
@@ -36,21 +36,14 @@ if TYPE_CHECKING:
 log = logging.getLogger("pointsman.router.mysql")
 
 
-class MySqlProxyProtocol(TcpProxyProtocol):
+class MySqlProxyProtocol(SqlProxyProtocol):
     """The client side of a MySQL session."""
 
-    __slots__ = ("_delay", "_tls", "session")
+    __slots__ = ("_tls",)
 
     def __init__(self, listener: ListenerHandle) -> None:
         super().__init__(listener)
-        self.session: MySqlSession | None = None
-        self._delay: asyncio.TimerHandle | None = None
         self._tls: _ClientTls | None = None
-
-    def _context(self) -> SqlContext:
-        ctx = self.listener.sql
-        assert ctx is not None
-        return ctx
 
     def _accepted(self, transport: asyncio.Transport, cluster: Cluster) -> None:
         peer = transport.get_extra_info("peername")
@@ -77,14 +70,6 @@ class MySqlProxyProtocol(TcpProxyProtocol):
                 return
         session.from_client(data)
 
-    def _to_server(self, data: bytes) -> None:
-        up = self._up_transport
-        if up is None:
-            self._pending.append(data)  # connecting: _adopt flushes these
-            return
-        up.write(data)
-        self._bytes.inc(self._bytes_key, len(data))
-
     def _to_client(self, data: bytes) -> None:
         if self.transport is not None:
             self.transport.write(data if self._tls is None else self._tls.wrap(data))
@@ -103,37 +88,7 @@ class MySqlProxyProtocol(TcpProxyProtocol):
         if early:
             self.data_received(early)
 
-    def pause(self, seconds: float) -> None:
-        transport = self.transport
-        if transport is None:
-            return
-        transport.pause_reading()
-        self._delay = asyncio.get_running_loop().call_later(seconds, self._resume)
-
-    def _resume(self) -> None:
-        self._delay = None
-        session = self.session
-        if session is None or self.transport is None or self.transport.is_closing():
-            return
-        self.transport.resume_reading()
-        session.resume()
-
-    def close(self, reason: str) -> None:
-        log.debug("listener %s: closing a session: %s", self.listener.name, reason)
-        if self._up_transport is not None:
-            self._up_transport.close()
-        if self.transport is not None:
-            self.transport.close()
-
     # -- end ----------------------------------------------------------------------------------------
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self._delay is not None:
-            self._delay.cancel()
-            self._delay = None
-        if self.session is not None:
-            self.session.end()
-        super().connection_lost(exc)
 
     def _upstream_eof(self) -> None:
         if self._tls is None:

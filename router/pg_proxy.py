@@ -25,9 +25,9 @@ import ssl
 from typing import TYPE_CHECKING, cast
 
 from l7.pg_filter import PgSession
-from l7.sql_context import SqlContext
 from router.cluster import Cluster, Endpoint
-from router.tcp_proxy import TcpProxyProtocol, _UpstreamProtocol
+from router.sql_proxy import SqlProxyProtocol
+from router.tcp_proxy import _UpstreamProtocol
 
 if TYPE_CHECKING:
     from router.listeners import ListenerHandle
@@ -35,22 +35,15 @@ if TYPE_CHECKING:
 log = logging.getLogger("pointsman.router.pg")
 
 
-class PgProxyProtocol(TcpProxyProtocol):
+class PgProxyProtocol(SqlProxyProtocol):
     """The client side of a PostgreSQL session."""
 
-    __slots__ = ("_backend", "_delay", "_tls_task", "session")
+    __slots__ = ("_backend", "_tls_task")
 
     def __init__(self, listener: ListenerHandle) -> None:
         super().__init__(listener)
-        self.session: PgSession | None = None
         self._backend: tuple[int, bytes] | None = None
-        self._delay: asyncio.TimerHandle | None = None
         self._tls_task: asyncio.Task[None] | None = None
-
-    def _context(self) -> SqlContext:
-        ctx = self.listener.sql
-        assert ctx is not None
-        return ctx
 
     def _accepted(self, transport: asyncio.Transport, cluster: Cluster) -> None:
         # Read the first packet before connecting: it says where to connect (or not at all).
@@ -64,14 +57,6 @@ class PgProxyProtocol(TcpProxyProtocol):
         if session is None:
             return
         session.from_client(data)
-
-    def _to_server(self, data: bytes) -> None:
-        up = self._up_transport
-        if up is None:
-            self._pending.append(data)  # connecting: _adopt flushes these
-            return
-        up.write(data)
-        self._bytes.inc(self._bytes_key, len(data))
 
     def _to_client(self, data: bytes) -> None:
         if self.transport is not None:
@@ -119,38 +104,11 @@ class PgProxyProtocol(TcpProxyProtocol):
             self._backend = (pid, secret)
             self.listener.pg_backends[self._backend] = endpoint
 
-    def pause(self, seconds: float) -> None:
-        transport = self.transport
-        if transport is None:
-            return
-        transport.pause_reading()
-        self._delay = asyncio.get_running_loop().call_later(seconds, self._resume)
-
-    def _resume(self) -> None:
-        self._delay = None
-        session = self.session
-        if session is None or self.transport is None or self.transport.is_closing():
-            return
-        self.transport.resume_reading()
-        session.resume()
-
-    def close(self, reason: str) -> None:
-        log.debug("listener %s: closing a session: %s", self.listener.name, reason)
-        if self._up_transport is not None:
-            self._up_transport.close()
-        if self.transport is not None:
-            self.transport.close()
-
     # -- end ----------------------------------------------------------------------------------------
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self._delay is not None:
-            self._delay.cancel()
-            self._delay = None
         if self._tls_task is not None and not self._tls_task.done():
             self._tls_task.cancel()
-        if self.session is not None:
-            self.session.end()
         if self._backend is not None:
             self.listener.pg_backends.pop(self._backend, None)
             self._backend = None
