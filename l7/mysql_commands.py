@@ -17,7 +17,7 @@ from l7 import mysql_packets as p
 from l7.model import Statement
 from l7.mysql_replies import AUTH, LIST, PREPARE, RESULT, ROWS, SIMPLE, Pending
 from l7.policy import SQLSTATE_RATE_LIMITED, Decision, PolicyEngine
-from l7.sql_policy import OTHER, PLAIN_MAX, SqlPolicy, plain_allow
+from l7.sql_policy import OTHER, SqlPolicy, plain_allow
 from l7.sql_session import PreparedStatements
 
 if TYPE_CHECKING:
@@ -52,8 +52,6 @@ class CommandsMixin(SqlPolicy):
     statements: dict[int, list[Statement]]
     _auth: bool
     _allowed: dict[int, PolicyEngine]
-    _plain: dict[int, Statement]
-    _plain_engine: PolicyEngine | None
     _last_prepared: list[Statement] | None
     _last_denied: Decision | None
 
@@ -88,37 +86,17 @@ class CommandsMixin(SqlPolicy):
             append((verb, now, switches[i] if switches else None))
 
     def _query(self, body: bytes) -> bytes | None:
-        held = self._released is not None
-        ctx = self.ctx
-        if held:
-            stmts = self._pending_stmts
+        if self._released is not None:
+            stmts: Sequence[Statement] = self._pending_stmts
         else:
-            text = body.decode("utf-8", "replace")
-            stmts = self._classify(text)
-        engine = ctx.engine
-        plain = self._plain
-        if (
-            not held
-            and len(stmts) == 1
-            and engine is not None
-            and self._plain_engine is engine
-            and plain.get(id(stmts[0])) is stmts[0]
-        ):
-            d: Decision | None = None
-        else:
-            verdict = self._enforced(stmts)
-            if verdict is None:
-                return None
-            d, stmts = verdict
-            if d is not None and d.action == "deny":
-                self._refuse(d, stmts)
-                return _DROP
-            if not held and len(stmts) == 1 and plain_allow(engine, d):
-                assert engine is not None
-                if self._plain_engine is not engine or len(plain) >= PLAIN_MAX:
-                    plain.clear()
-                    self._plain_engine = engine
-                plain[id(stmts[0])] = stmts[0]
+            stmts = self._classify(body.decode("utf-8", "replace"))
+        verdict = self._judge_query(stmts)
+        if verdict is None:
+            return None
+        d, stmts = verdict
+        if d is not None and d.action == "deny":
+            self._refuse(d, stmts)
+            return _DROP
         pending = Pending(RESULT, p.COM_QUERY)
         switches: list[str | None] = []
         if any(st.verb == "USE" or st.verb == "DROP" for st in stmts):

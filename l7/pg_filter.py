@@ -50,7 +50,7 @@ from l7.pg_scan import HEADER, STATUS, scan_client, scan_server
 from l7.pg_splice import Splicer
 from l7.policy import Decision, PolicyEngine
 from l7.sql_context import PgHooks, SqlContext
-from l7.sql_policy import OTHER, PLAIN_MAX, SqlPolicy, plain_allow
+from l7.sql_policy import OTHER, SqlPolicy, plain_allow
 from l7.sql_session import PreparedStatements
 
 log = logging.getLogger("pointsman.sql")
@@ -361,22 +361,8 @@ class PgSession(SqlPolicy):
 
     def _query(self, text: str) -> bytes | None:
         self._open = None  # a Query ends any extended run (the server would process it)
-        held = self._released is not None
-        stmts = self._pending_stmts if held else self._classify(text)
-        engine = self.ctx.engine
-        plain = self._plain
-        if (
-            not held
-            and len(stmts) == 1
-            and engine is not None
-            and self._plain_engine is engine
-            and plain.get(id(stmts[0])) is stmts[0]
-        ):  # allowed outright before (see below): no need to ask again
-            unit = _Unit()
-            self._units.append(unit)
-            self._count(stmts, unit)
-            return _FORWARD
-        verdict = self._enforced(stmts)
+        stmts = self._pending_stmts if self._released is not None else self._classify(text)
+        verdict = self._judge_query(stmts)
         if verdict is None:
             return None
         d, stmts = verdict
@@ -384,14 +370,6 @@ class PgSession(SqlPolicy):
         self._units.append(unit)
         if d is not None and d.action == "deny":
             return simple_substitute(self._refuse(d, unit, stmts))
-        if not held and len(stmts) == 1 and plain_allow(engine, d):
-            # The classifier's caches hand out the same Statement for texts that differ only
-            # in literals: remember it (held here, so its id is not reused) for this engine.
-            assert engine is not None
-            if self._plain_engine is not engine or len(plain) >= PLAIN_MAX:
-                plain.clear()
-                self._plain_engine = engine
-            plain[id(stmts[0])] = stmts[0]
         self._count(stmts, unit)
         return _FORWARD
 

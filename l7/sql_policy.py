@@ -48,6 +48,8 @@ class SqlPolicy:
     _released: Decision | None  # a delayed message's decision, taken on resume
     _pending_stmts: Sequence[Statement]  # ... and its statements
     _keys: dict[str, tuple[str, ...]]  # verb -> statements label key
+    _plain: dict[int, Statement]  # id -> a single statement allowed outright by _plain_engine
+    _plain_engine: PolicyEngine | None
 
     def _classify(self, sql: str) -> list[Statement]:
         ctx = self.ctx
@@ -96,6 +98,35 @@ class SqlPolicy:
             self._paused = True
             self.hooks.pause(d.delay)
             return None
+        return d, stmts
+
+    def _judge_query(self, stmts: Sequence[Statement]) -> tuple[Decision | None, Sequence[Statement]] | None:
+        """``_enforced`` for a query's statements (``_pending_stmts`` when a delay is over),
+        remembering plain allows: the classifier's caches hand out the same Statement for
+        texts that differ only in literals, so a single statement the engine allowed outright
+        (no rule, nothing observed, no time windows) is not put to it again. Held in the map,
+        its id cannot be reused by another object."""
+        held = self._released is not None
+        engine = self.ctx.engine
+        plain = self._plain
+        if (
+            not held
+            and len(stmts) == 1
+            and engine is not None
+            and self._plain_engine is engine
+            and plain.get(id(stmts[0])) is stmts[0]
+        ):
+            return None, stmts
+        verdict = self._enforced(stmts)
+        if verdict is None:
+            return None
+        d, stmts = verdict
+        if not held and len(stmts) == 1 and plain_allow(engine, d):
+            assert engine is not None
+            if self._plain_engine is not engine or len(plain) >= PLAIN_MAX:
+                plain.clear()
+                self._plain_engine = engine
+            plain[id(stmts[0])] = stmts[0]
         return d, stmts
 
     def _record_refusal(self, d: Decision, stmts: Sequence[Statement]) -> None:
