@@ -95,6 +95,8 @@ class SidecarConfig(Strict):
 
     app: Annotated[str, Field(pattern=r"^[A-Za-z0-9]([A-Za-z0-9_.-]{0,61}[A-Za-z0-9])?$")]
     version: str = Field(default="", description="the app's version, a label of its HTTP and SQL series")
+    instance: str = Field(default="", description="this copy of the app (e.g. its host and unit), a label too")
+    node: str | None = Field(default=None, description="the node label (default: the machine's host name)")
     registry: Address = Field(
         default=DEFAULT_REGISTRY, description="the admin API of the pointsman whose registry to follow"
     )

@@ -59,10 +59,6 @@ class SidecarComponent(Component):
         # Local ports picked for `auto` upstreams, by service: kept across reloads, so the
         # addresses the app was given stay valid.
         self.auto_ports: dict[str, int] = {}
-        # Identity labels beyond app and version: no placement names this instance, so the
-        # node is the machine's name and the instance is left empty.
-        self.instance = ""
-        self.node = socket.gethostname()
 
     def _entry(self, config: Config) -> SidecarConfig:
         entry = find_sidecar(config, self.app)
@@ -86,7 +82,7 @@ class SidecarComponent(Component):
                 port=up.port,
                 protocol=up.protocol,
                 local_port=self.local_port(up, picked),
-                identity=Identity(entry.app, entry.version, self.instance, self.node),
+                identity=Identity(entry.app, entry.version, entry.instance, entry.node or socket.gethostname()),
                 policies=tuple(up.policies),
             )
             for up in entry.upstreams

@@ -38,6 +38,9 @@ def _sidecar_config(registry: str, pg_port: int) -> dict[str, Any]:
         "sidecars": [
             {
                 "app": "billing",
+                "version": "2.3",
+                "instance": "billing@host-7",
+                "node": "rack-2",
                 "registry": registry,
                 "upstreams": [
                     {"service": "echo", "port": "tcp"},
@@ -121,11 +124,16 @@ async def test_sidecar_follows_a_remote_registry(tmp_path: Path, pg_server: PgSe
                 assert await asyncio.to_thread(_sql, env["DB_ADDR"]) == (1, "42501")
                 async with http.get(side.url("/metrics")) as resp:
                     metrics = (await resp.text()).splitlines()
-                # Counted and policed as the app named in the sidecar's config.
+                # Counted and policed as the app named in the sidecar's config, with its labels.
+                who = ('app="billing"', 'version="2.3"', 'instance="billing@host-7"', 'node="rack-2"')
                 assert any(
                     line.startswith("pointsman_sql_statements_total")
-                    and 'app="billing"' in line
+                    and all(label in line for label in who)
                     and 'verb="SELECT"' in line
+                    for line in metrics
+                ), metrics
+                assert any(
+                    line.startswith("pointsman_http_requests_total") and all(label in line for label in who)
                     for line in metrics
                 ), metrics
                 assert any(
