@@ -16,6 +16,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from tests.mysqlserver import APP_PASSWORD, APP_USER, MySqlServer
 from tests.pgserver import DATABASE, SUPERUSER, PgServer
 from tests.pointsman.harness import eventually, pointsman, up_args, write_config
 from tests.pointsman.test_scheduler_up import PORT_BASE, _allocs, _netns_unavailable
@@ -251,3 +252,66 @@ async def test_a_shared_listener_knows_a_namespaced_client_by_its_address(tmp_pa
         lines = await metrics()
         assert not any('app="not-me"' in line for line in lines)
         assert any(line.startswith("pointsman_sql_statements_total{") and who <= labels_of(line) for line in lines)
+
+
+MY_CLIENT = """
+import os, sys, time
+import pymysql
+host, port = os.environ["SHOPDB_ADDR"].split(":")
+conn = pymysql.connect(host=host, port=int(port), user=sys.argv[1], password=sys.argv[2], database="test",
+                       program_name="not-me", autocommit=True, connect_timeout=5)
+with conn.cursor() as cur:
+    cur.execute("SELECT 1")
+    print("my:", cur.fetchone()[0], flush=True)
+    try:
+        cur.execute("DROP TABLE IF EXISTS nothing_here")
+    except pymysql.MySQLError as exc:
+        print("drop:", exc.args[0], flush=True)
+time.sleep(600)
+"""
+
+
+async def test_a_mysql_sidecar_counts_and_polices_as_the_job(
+    tmp_path: Path, pg_server: PgServer, mysql_server: MySqlServer
+) -> None:
+    """The same for MySQL: a `protocol: mysql` upstream, the app's program_name ignored."""
+    config = tmp_path / "pointsman.yaml"
+    data = upstreams_platform(tmp_path / "state", pg_server)
+    data["discovery"]["services"].append(
+        {"name": "shopdb", "instances": [{"id": "m-1", "address": "127.0.0.1", "ports": {"mysql": mysql_server.port}}]}
+    )
+    data["policies"] = [{"name": "no-drop", "match": {"verbs": ["DROP"]}, "action": "deny"}]
+    data["jobs"].append(
+        {
+            "name": "shop",
+            "command": [sys.executable, "-c", MY_CLIENT, APP_USER, APP_PASSWORD],
+            "resources": {"cpu": 0.1, "memory": "64Mi"},
+            "upstreams": [{"service": "shopdb", "port": "mysql", "protocol": "mysql", "policies": ["no-drop"]}],
+        }
+    )
+    write_config(config, data)
+    async with pointsman(*up_args(config)) as proc, aiohttp.ClientSession() as http:
+
+        async def shop_log() -> str:
+            shops = [a for a in await _allocs(http, proc.admin) if a["job"] == "shop"]
+            if not shops:
+                return ""
+            async with http.get(proc.url(f"/allocations/{shops[0]['id']}/logs?tail=0")) as resp:
+                return await resp.text()
+
+        async def done() -> bool:
+            return "drop:" in await shop_log()
+
+        await eventually(done, 30, "the shop job went through its mysql sidecar")
+        log = await shop_log()
+        assert "my: 1" in log and "drop: 1142" in log, log
+        (shop,) = [a for a in await _allocs(http, proc.admin) if a["job"] == "shop"]
+        async with http.get(proc.url("/metrics")) as resp:
+            lines = (await resp.text()).splitlines()
+        who = identity_labels(shop) | {'protocol="mysql"'}
+        assert any(line.startswith("pointsman_sql_statements_total{") and who <= labels_of(line) for line in lines)
+        assert any(
+            line.startswith("pointsman_sql_denied_total{") and who | {'rule="no-drop"'} <= labels_of(line)
+            for line in lines
+        )
+        assert not any('app="not-me"' in line for line in lines)
