@@ -158,6 +158,7 @@ CLIENT_SSL = 0x800
 CLIENT_TRANSACTIONS = 0x2000
 CLIENT_SECURE_CONNECTION = 0x8000
 CLIENT_PLUGIN_AUTH = 0x80000
+CLIENT_DEPRECATE_EOF = 0x1000000
 RAW_CAPABILITIES = (
     CLIENT_LONG_PASSWORD
     | CLIENT_LONG_FLAG
@@ -168,7 +169,8 @@ RAW_CAPABILITIES = (
 )
 UTF8MB4_GENERAL_CI = 45
 COM_QUIT, COM_INIT_DB, COM_QUERY, COM_PING, COM_CHANGE_USER = 0x01, 0x02, 0x03, 0x0E, 0x11
-COM_STMT_PREPARE, COM_STMT_EXECUTE, COM_STMT_CLOSE = 0x16, 0x17, 0x19
+COM_STMT_PREPARE, COM_STMT_EXECUTE, COM_STMT_CLOSE, COM_STMT_FETCH = 0x16, 0x17, 0x19, 0x1C
+SERVER_STATUS_CURSOR_EXISTS, SERVER_STATUS_LAST_ROW_SENT = 0x40, 0x80
 
 
 def native_password(password: str | None, salt: bytes) -> bytes:
@@ -231,6 +233,7 @@ class RawClient:
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, greeting: bytes) -> None:
         self.reader, self.writer, self.greeting = reader, writer, greeting
         self.seq = 0
+        self.deprecate_eof = False  # no EOF after column definitions; results end in an OK
         assert greeting[0] == 10, greeting[:40]
         at = greeting.index(b"\0", 1) + 1 + 4  # server version, connection id
         salt1 = greeting[at : at + 8]
@@ -251,10 +254,15 @@ class RawClient:
 
     @classmethod
     async def login(
-        cls, port: int, user: str = APP_USER, password: str | None = APP_PASSWORD, database: str | None = DATABASE
+        cls,
+        port: int,
+        user: str = APP_USER,
+        password: str | None = APP_PASSWORD,
+        database: str | None = DATABASE,
+        extra_capabilities: int = 0,
     ) -> RawClient:
         client = await cls.open(port)
-        answer = await client.authenticate(user, password, database)
+        answer = await client.authenticate(user, password, database, extra_capabilities)
         assert isinstance(answer, Ok), answer
         return client
 
@@ -290,8 +298,11 @@ class RawClient:
         assert answer[0] == 0x00, answer
         return Ok(answer)
 
-    async def authenticate(self, user: str, password: str | None, database: str | None) -> Err | Ok:
-        capabilities = RAW_CAPABILITIES | (CLIENT_CONNECT_WITH_DB if database else 0)
+    async def authenticate(
+        self, user: str, password: str | None, database: str | None, extra_capabilities: int = 0
+    ) -> Err | Ok:
+        capabilities = RAW_CAPABILITIES | extra_capabilities | (CLIENT_CONNECT_WITH_DB if database else 0)
+        self.deprecate_eof = bool(capabilities & CLIENT_DEPRECATE_EOF)
         auth = native_password(password, self.salt)
         payload = struct.pack("<IIB23x", capabilities, 1 << 24, UTF8MB4_GENERAL_CI) + user.encode() + b"\0"
         payload += bytes([len(auth)]) + auth
@@ -311,12 +322,13 @@ class RawClient:
         assert columns is not None
         for _ in range(columns):
             await self.read()
-        eof = await self.read()
-        assert eof[0] == 0xFE, eof
+        if not self.deprecate_eof:
+            eof = await self.read()
+            assert eof[0] == 0xFE, eof
         rows: list[bytes] = []
         while True:
             packet = await self.read()
-            if packet[0] == 0xFE and len(packet) < 9:
+            if packet[0] == 0xFE and len(packet) < (0xFFFFFF if self.deprecate_eof else 9):
                 return rows
             if packet[0] == 0xFF:
                 return _parse_err(packet)
@@ -347,7 +359,7 @@ class RawClient:
         for count in (params, columns):
             for _ in range(count):
                 await self.read()
-            if count:
+            if count and not self.deprecate_eof:
                 assert (await self.read())[0] == 0xFE
         return statement, columns, params
 
@@ -730,6 +742,51 @@ async def test_binary_protocol_prepare_execute(mysql_server: MySqlServer, table:
         assert _total(proxy, app=APP_USER, verb="INSERT") == 3
         assert proxy.counter("denied", app=APP_USER, rule="no-destructive") == 1
     assert await _count(mysql_server, table) == 6
+
+
+def _end_status(packet: bytes, deprecate_eof: bool) -> int:
+    """The status flags of a result's end: an EOF packet (0xFE, warnings, status) or, with
+    CLIENT_DEPRECATE_EOF, an OK packet with the 0xFE header (affected rows, insert id, status)."""
+    assert packet[0] == 0xFE and len(packet) < 0xFFFFFF, packet
+    if not deprecate_eof:
+        return int(struct.unpack_from("<H", packet, 3)[0])
+    _, at = _lenenc(packet, 1)
+    _, at = _lenenc(packet, at)
+    return int(struct.unpack_from("<H", packet, at)[0])
+
+
+@pytest.mark.parametrize("deprecate_eof", [False, True], ids=["eof", "deprecate-eof"])
+async def test_binary_protocol_cursor_fetch(mysql_server: MySqlServer, table: str, deprecate_eof: bool) -> None:
+    """COM_STMT_EXECUTE opening a read-only cursor, then COM_STMT_FETCH two rows at a time:
+    the answers are followed to their ends, the session stays in step, the SELECT counts once."""
+    async with proxied_mysql(mysql_server, [DENY_DESTRUCTIVE]) as proxy:
+        extra = CLIENT_DEPRECATE_EOF if deprecate_eof else 0
+        client = await RawClient.login(proxy.port, extra_capabilities=extra)
+        try:
+            prepared = await client.prepare(f"SELECT a FROM {table} ORDER BY a")
+            assert not isinstance(prepared, Err), prepared
+            statement, columns, _ = prepared
+            client.send(struct.pack("<BIBI", COM_STMT_EXECUTE, statement, 1, 1), 0)  # CURSOR_TYPE_READ_ONLY
+            first = await client.read()
+            assert _lenenc(first, 0)[0] == columns == 1, first
+            for _ in range(columns):
+                await client.read()
+            opened = await client.read()  # no rows yet: they come with COM_STMT_FETCH
+            assert _end_status(opened, deprecate_eof) & SERVER_STATUS_CURSOR_EXISTS, opened
+            fetched: list[bytes] = []
+            for _ in range(5):
+                client.send(struct.pack("<BII", COM_STMT_FETCH, statement, 2), 0)
+                while (packet := await client.read())[0] != 0xFE:
+                    fetched.append(packet)
+                if _end_status(packet, deprecate_eof) & SERVER_STATUS_LAST_ROW_SENT:
+                    break
+            assert len(fetched) == 3, fetched  # the table's three rows, as binary rows
+            assert all(row[0] == 0x00 for row in fetched)
+            assert await client.scalar(f"SELECT COUNT(*) FROM {table}") == b"3"
+        finally:
+            await client.close()
+        assert _total(proxy, app=APP_USER, verb="SELECT") == 2  # the cursor's and the COUNT
+        assert proxy.counter("decode_errors") == 0
 
 
 async def test_statements_prepared_before_the_policy_are_denied_at_execute(
