@@ -38,7 +38,6 @@ import asyncio
 import collections
 import contextlib
 import logging
-import re
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import asdict
@@ -48,11 +47,12 @@ from typing import Literal
 from discovery.registry import Check, Registration, Registry
 from discovery.store import Store
 from scheduler.config import JobConfig, NodeConfig, effective_nodes
-from scheduler.driver import Driver, DriverError, TaskExit, TaskHandle, TaskSpec
+from scheduler.driver import Driver, DriverError, TaskExit, TaskHandle
 from scheduler.model import PORT_RANGE, Allocation, Job, Node, Resources
 from scheduler.plan import check_allocations, place_into, placement_order
 from scheduler.records import ALLOCS, JOBS, Alloc, JobEntry, Sidecar, Unplaced
 from scheduler.state import ClusterState
+from scheduler.taskspec import task_spec
 from units import format_duration
 
 log = logging.getLogger("pointsman.scheduler")
@@ -61,9 +61,6 @@ log = logging.getLogger("pointsman.scheduler")
 DEBOUNCE = 0.05
 # Ended allocations kept for `GET /allocations` (the store keeps live ones only).
 HISTORY = 100
-
-_UPSTREAM_RE = re.compile(r"\$(\$?)\{upstream:([^}]*)\}")
-_BUILTIN_RE = re.compile(r"\$(\$?)\{(CONFIG_DIR|STATE_DIR)\}")
 
 
 def listening_ports(paths: Sequence[str] = ("/proc/net/tcp", "/proc/net/tcp6")) -> frozenset[int]:
@@ -447,7 +444,9 @@ class Reconciler:
                 try:
                     dns = await self._network_for(config)
                     await self._set_sidecars(alloc, config)
-                    handle = await driver.start(self._task_spec(alloc, config, dns))
+                    snapshot = self.registry.snapshot if self.registry is not None else None
+                    spec = task_spec(alloc, config, self.variables, snapshot, dns)
+                    handle = await driver.start(spec)
                     reason = ""
                 except DriverError as exc:
                     reason = f"start failed: {exc}"
@@ -584,57 +583,6 @@ class Reconciler:
                 raise  # a namespace was asked for and cannot be made
             log.warning("containers of %s will not resolve internal names", config.name, exc_info=True)
             return None
-
-    def _task_spec(self, alloc: Alloc, config: JobConfig, dns: str | None = None) -> TaskSpec:
-        local = {u.service: alloc.ports[u.port_name] for u in config.upstreams}
-        env = {name: self._resolve(value, local) for name, value in config.env.items()}
-        for u in config.upstreams:
-            address = f"127.0.0.1:{local[u.service]}"
-            env.setdefault(u.variable, f"http://{address}" if u.protocol == "http" else address)
-        docker = config.docker if config.driver == "docker" else None
-        command = docker.command if docker is not None else config.command
-        return TaskSpec(
-            alloc_id=alloc.id,
-            job=alloc.job,
-            command=tuple(self._resolve(part, local) for part in command),
-            env=env,
-            ports=alloc.ports,
-            cpu=alloc.cpu,
-            memory=alloc.memory,
-            image=docker.image if docker is not None else None,
-            volumes=dict(docker.volumes) if docker is not None else {},
-            labels={"pointsman.job": alloc.job, "pointsman.version": alloc.version, "pointsman.node": alloc.node},
-            network=config.network,
-            dns=dns,
-        )
-
-    def _resolve(self, text: str, local: Mapping[str, int]) -> str:
-        """`${CONFIG_DIR}`, `${STATE_DIR}`, and `${upstream:db}`: the job's sidecar for db
-        (`127.0.0.1:PORT`) when it declares one, else `ADDRESS:PORT` of a passing instance of db
-        (its first port). The driver expands what is left (`${PORT_X}`, `${HOST}`, env)."""
-
-        def builtin(match: re.Match[str]) -> str:
-            if match.group(1):
-                return match.group(0)
-            return self.variables.get(match.group(2), match.group(0))
-
-        text = _BUILTIN_RE.sub(builtin, text)
-
-        def substitute(match: re.Match[str]) -> str:
-            if match.group(1):
-                return match.group(0)[1:]
-            service = match.group(2)
-            if service in local:
-                return f"127.0.0.1:{local[service]}"
-            instances = self.registry.snapshot.instances(service) if self.registry is not None else ()
-            for instance in instances:
-                if instance.ports:
-                    port = next(iter(instance.ports.values()))
-                    host = f"[{instance.address}]" if ":" in instance.address else instance.address
-                    return f"{host}:{port}"
-            raise DriverError(f"${{upstream:{service}}}: no passing instance of {service} with a port yet")
-
-        return _UPSTREAM_RE.sub(substitute, text)
 
     # -- discovery feed ----------------------------------------------------------------------
 
