@@ -331,6 +331,8 @@ class ListenerConfig(Strict):
                     raise ValueError(f"'{key}' is for http and SQL listeners, not {self.protocol}")
         if self.app is not None and self.identity is not None:
             raise ValueError("give the app in 'app' or in 'identity', not both")
+        if self.protocol == "mysql" and self.tls is not None and self.tls.upstream != "disable":
+            raise ValueError("tls.upstream: a mysql listener speaks to the server in clear (only 'disable')")
         if self.protocol not in SQL_PROTOCOLS:
             if self.tls is not None:
                 raise ValueError(f"'tls' is for SQL listeners (protocol: postgres, mysql), not {self.protocol}")

@@ -166,3 +166,27 @@ def test_schema_rejects_what_the_loader_rejects() -> None:
     assert not validator.is_valid({"clusters": {"web": {"endpoints": ["127.0.0.1:1"], "balancr": "random"}}})
     assert not validator.is_valid({"clusters": {"web": {"endpoints": []}}})
     assert not validator.is_valid({"listeners": [{"name": "bad name!", "listen": "127.0.0.1:1", "to": "x"}]})
+
+
+def test_listener_keys_that_do_not_fit_its_protocol() -> None:
+    base = "clusters: {db: {endpoints: [127.0.0.1:1]}}\nlisteners:\n"
+    cases = [
+        ("  - {name: a, listen: 127.0.0.1:0, protocol: tcp, to: db, app: x}", "'app' is for http and SQL listeners"),
+        (
+            "  - {name: a, listen: 127.0.0.1:0, protocol: mysql, to: db, app: x, identity: {app: y}}",
+            "give the app in 'app' or in 'identity', not both",
+        ),
+        (
+            "  - {name: a, listen: 127.0.0.1:0, protocol: mysql, to: db, tls: {upstream: require}}",
+            "a mysql listener speaks to the server in clear",
+        ),
+        ("  - {name: a, listen: 127.0.0.1:0, protocol: tcp, to: db, policies: [p]}", "'policies' is for SQL listeners"),
+        (
+            "  - {name: a, listen: 127.0.0.1:0, routes: [{to: db, match: {apps: []}}]}",
+            "apps: give at least one non-empty pattern",
+        ),
+    ]
+    for listener, expected in cases:
+        [(path, reason)] = _problems(base + listener + "\n")
+        assert path.startswith("listeners[0]"), (listener, path)
+        assert expected in reason, (listener, reason)
