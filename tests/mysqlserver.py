@@ -39,15 +39,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import pwd
 import re
 import shutil
 import signal
 import socket
-import stat
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -55,6 +52,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any
+
+from tests.throwaway import free_port, make_base_dir, serve, settings_of, system_account
 
 APP_USER, APP_PASSWORD = "app", "apppass"  # mysql_native_password
 ED25519_USER, ED25519_PASSWORD = "eduser", "edpass"  # ed25519 (when the plugin installs)
@@ -141,24 +140,6 @@ def clean_env() -> dict[str, str]:
     return env
 
 
-def free_port() -> int:
-    """A port nobody listens on right now. mariadbd cannot bind port 0 and report the port it
-    got (--port=0 means 3306), so we probe and hand the number over; start() retries if someone
-    takes it first."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _others_can_traverse(path: Path) -> bool:
-    """Whether a different (unprivileged) user can reach entries below ``path``: every ancestor
-    must be searchable by "others". /root, or a TMPDIR under it, is not."""
-    for directory in (path, *path.parents):
-        if not os.stat(directory).st_mode & stat.S_IXOTH:
-            return False
-    return True
-
-
 def _sql_quote(value: str) -> str:
     return "'" + value.replace("\\", "\\\\").replace("'", "''") + "'"
 
@@ -206,7 +187,7 @@ class MySqlServer:
         self.ed25519_error: str | None = "the server has not been started"
         self.start_seconds: float = 0.0
         self._proc: subprocess.Popen[bytes] | None = None
-        self._run_as = self._pick_user()
+        self._run_as = system_account(SYSTEM_USER, MySqlServerError, "Debian's mariadb-server package")
 
     # -- paths ---------------------------------------------------------------------------
 
@@ -295,7 +276,7 @@ class MySqlServer:
         if self.base_dir is not None:
             raise MySqlServerError("already started")
         began = time.monotonic()
-        self.base_dir = self._make_base_dir()
+        self.base_dir = make_base_dir("pointsman-my-", self._run_as)
         try:
             self._install_db()
             self._start_on_a_free_port()
@@ -325,32 +306,6 @@ class MySqlServer:
         self.stop()
 
     # -- setup ---------------------------------------------------------------------------------
-
-    @staticmethod
-    def _pick_user() -> pwd.struct_passwd | None:
-        """Who runs the server binaries: None for ourselves, or the ``mysql`` account as root."""
-        if os.geteuid() != 0:
-            return None
-        try:
-            account = pwd.getpwnam(SYSTEM_USER)
-        except KeyError:
-            raise MySqlServerError(
-                "running as root, and mariadbd will not run as root; there is no 'mysql' system user "
-                "to run it as (Debian's mariadb-server package creates it): useradd --system mysql, "
-                "or run as an unprivileged user"
-            ) from None
-        if shutil.which("runuser") is None:
-            raise MySqlServerError("running as root without runuser (util-linux) to drop to the mysql user")
-        return account
-
-    def _make_base_dir(self) -> Path:
-        parent = Path(tempfile.gettempdir())
-        if self._run_as is not None and not _others_can_traverse(parent):
-            parent = Path("/tmp")  # the mysql user could not reach a dir under e.g. /root
-        base = Path(tempfile.mkdtemp(prefix="pointsman-my-", dir=parent))
-        if self._run_as is not None:
-            os.chown(base, self._run_as.pw_uid, self._run_as.pw_gid)
-        return base
 
     def _server_options(self, names: Sequence[str] | None = None) -> list[str]:
         items = self.settings.items() if names is None else ((n, self.settings[n]) for n in names)
@@ -469,40 +424,22 @@ def _serve(argv: Sequence[str]) -> int:
     parser.add_argument("--serve", action="store_true", required=True, help="start, print the port, wait for a signal")
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="a mariadbd option")
     args = parser.parse_args(argv)
-    settings: dict[str, str] = {}
-    for item in args.set:
-        name, sep, value = item.partition("=")
-        if not sep or not name:
-            parser.error(f"--set takes NAME=VALUE, not {item!r}")
-        settings[name.replace("_", "-")] = value
+    settings = {name.replace("_", "-"): value for name, value in settings_of(parser, args.set).items()}
 
-    stopped = threading.Event()
+    def ready(server: MySqlServer, stopped: threading.Event) -> str:
+        ed25519 = "yes" if server.ed25519_available else f"no ({server.ed25519_error})"
+        return (
+            f"mariadb {server.version} ready on {server.host}:{server.port} in {server.base_dir} "
+            f"({server.start_seconds:.2f}s; ed25519 user: {ed25519})"
+        )
 
-    def on_signal(signum: int, frame: object) -> None:
-        stopped.set()
-
-    # Installed before start(): a SIGTERM during install still cleans up rather than leaving
-    # a half-built server (the flag is checked once start() returns).
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(signum, on_signal)
-    try:
-        with MySqlServer(settings=settings) as server:
-            print(server.port, flush=True)
-            ed25519 = "yes" if server.ed25519_available else f"no ({server.ed25519_error})"
-            print(
-                f"mariadb {server.version} ready on {server.host}:{server.port} in {server.base_dir} "
-                f"({server.start_seconds:.2f}s; ed25519 user: {ed25519})",
-                file=sys.stderr,
-                flush=True,
-            )
-            while not stopped.wait(1.0):  # a timed wait: signal handlers run in between
-                if server.pid is None:
-                    print("mysqlserver: mariadbd exited unexpectedly", file=sys.stderr)
-                    return 2
-    except MySqlServerError as exc:
-        print(f"mysqlserver: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return serve(
+        "mysqlserver",
+        lambda: MySqlServer(settings=settings),
+        ready,
+        alive=lambda server: server.pid is not None,
+        errors=(MySqlServerError,),
+    )
 
 
 if __name__ == "__main__":

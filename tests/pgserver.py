@@ -30,17 +30,15 @@ import os
 import pwd
 import re
 import shutil
-import signal
-import socket
-import stat
 import subprocess
 import sys
-import tempfile
 import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from urllib.parse import quote
+
+from tests.throwaway import free_port, make_base_dir, serve, settings_of, system_account
 
 MD5_USER, MD5_PASSWORD = "md5user", "md5pass"
 SCRAM_USER, SCRAM_PASSWORD = "scramuser", "scrampass"
@@ -137,21 +135,9 @@ def _conf_quote(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
 
 
-def free_port() -> int:
-    """A port nobody listens on right now. PostgreSQL cannot bind port 0 and report the port
-    it got, so we probe and hand the number over; start() retries if someone takes it first."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _others_can_traverse(path: Path) -> bool:
-    """Whether a different (unprivileged) user can reach entries below ``path``: every ancestor
-    must be searchable by "others". /root, or a TMPDIR under it, is not."""
-    for directory in (path, *path.parents):
-        if not os.stat(directory).st_mode & stat.S_IXOTH:
-            return False
-    return True
+def server_account() -> pwd.struct_passwd | None:
+    """The account the server runs as: None for ourselves, ``postgres`` when we are root."""
+    return system_account(SYSTEM_USER, PgServerError, "Debian's postgresql package")
 
 
 class PgServer:
@@ -171,7 +157,7 @@ class PgServer:
         self.settings = {**SERVER_SETTINGS, **(settings or {})}
         self.port: int = 0
         self.base_dir: Path | None = None
-        self._run_as = self._pick_user()
+        self._run_as = server_account()
 
     # -- paths ---------------------------------------------------------------------------
 
@@ -205,7 +191,7 @@ class PgServer:
     def start(self) -> PgServer:
         if self.base_dir is not None:
             raise PgServerError("already started")
-        self.base_dir = self._make_base_dir()
+        self.base_dir = make_base_dir("pointsman-pg-", self._run_as, ["sock"])
         try:
             self._initdb()
             self._start_on_a_free_port()
@@ -235,34 +221,6 @@ class PgServer:
         self.stop()
 
     # -- setup ---------------------------------------------------------------------------------
-
-    @staticmethod
-    def _pick_user() -> pwd.struct_passwd | None:
-        """Who runs the server binaries: None for ourselves, or the ``postgres`` account as root."""
-        if os.geteuid() != 0:
-            return None
-        try:
-            account = pwd.getpwnam(SYSTEM_USER)
-        except KeyError:
-            raise PgServerError(
-                "running as root, and initdb/postgres refuse to run as root; there is no 'postgres' "
-                "system user to run them as (Debian's postgresql package creates it): "
-                "useradd --system postgres, or run as an unprivileged user"
-            ) from None
-        if shutil.which("runuser") is None:
-            raise PgServerError("running as root without runuser (util-linux) to drop to the postgres user")
-        return account
-
-    def _make_base_dir(self) -> Path:
-        parent = Path(tempfile.gettempdir())
-        if self._run_as is not None and not _others_can_traverse(parent):
-            parent = Path("/tmp")  # the postgres user could not reach a dir under e.g. /root
-        base = Path(tempfile.mkdtemp(prefix="pointsman-pg-", dir=parent))
-        (base / "sock").mkdir()
-        if self._run_as is not None:
-            for path in (base, base / "sock"):
-                os.chown(path, self._run_as.pw_uid, self._run_as.pw_gid)
-        return base
 
     def _remove_base_dir(self) -> None:
         if self.base_dir is not None:
@@ -367,34 +325,14 @@ def _serve(argv: Sequence[str]) -> int:
     parser.add_argument("--scale", type=int, default=0, help="run pgbench -i -s SCALE before announcing the port")
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="a server setting")
     args = parser.parse_args(argv)
-    settings: dict[str, str] = {}
-    for item in args.set:
-        name, sep, value = item.partition("=")
-        if not sep or not name:
-            parser.error(f"--set takes NAME=VALUE, not {item!r}")
-        settings[name] = value
+    settings = settings_of(parser, args.set)
 
-    stopped = threading.Event()
+    def ready(server: PgServer, stopped: threading.Event) -> str:
+        if args.scale > 0 and not stopped.is_set():
+            pgbench_init(server, args.scale)
+        return f"postgres ready on {server.host}:{server.port} in {server.base_dir}"
 
-    def on_signal(signum: int, frame: object) -> None:
-        stopped.set()
-
-    # Installed before start(): a SIGTERM during initdb still cleans up rather than leaving
-    # a half-built cluster (the flag is checked once start() returns).
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(signum, on_signal)
-    try:
-        with PgServer(settings=settings) as server:
-            if args.scale > 0 and not stopped.is_set():
-                pgbench_init(server, args.scale)
-            print(server.port, flush=True)
-            print(f"postgres ready on {server.host}:{server.port} in {server.base_dir}", file=sys.stderr, flush=True)
-            while not stopped.wait(1.0):  # a timed wait: signal handlers run in between
-                pass
-    except PgServerError as exc:
-        print(f"pgserver: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return serve("pgserver", lambda: PgServer(settings=settings), ready, errors=(PgServerError,))
 
 
 if __name__ == "__main__":

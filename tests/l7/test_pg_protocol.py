@@ -28,6 +28,7 @@ from tests.pgserver import (
     SUPERUSER,
     PgServer,
     find_bin_dir,
+    server_account,
 )
 from tests.support import wait_until
 
@@ -307,7 +308,7 @@ def tls_pg_server(certificate: tuple[str, str]) -> Iterator[PgServer]:
     shutil.copyfile(certificate[0], cert)
     shutil.copyfile(certificate[1], key)
     key.chmod(0o600)
-    account = PgServer._pick_user()
+    account = server_account()
     if account is not None:
         for path in (cert, key):
             os.chown(path, account.pw_uid, account.pw_gid)
