@@ -294,3 +294,56 @@ pointsman_refused() {
     echo "  (a 'protocol: $2' listener needs a pointsman that has one; the other targets' results follow)" >&2
     POINTSMAN_FAILED=1
 }
+
+# scrape_metrics FILE: pointsman's /metrics (admin on $ADMIN_PORT), or an empty file when it
+# does not answer.
+scrape_metrics() {
+    curl -s -m 5 "http://127.0.0.1:$ADMIN_PORT/metrics" >"$1" 2>/dev/null || : >"$1"
+}
+
+# The SQL benchmarks' proxy targets. Each script defines `measure TARGET PORT PID` and a CHECK
+# function (`CHECK NAME PORT`: the target answers a query on the benchmark's data) and, for
+# pointsman, `write_pointsman_config` and a DROP function (`DROP PORT`: succeeds if a DROP got
+# through). Both return 1 when the benchmark cannot go on.
+
+# sql_haproxy_target SERVER_PORT CHECK: HAProxy in TCP mode on $HAP_PORT, measured.
+sql_haproxy_target() {
+    local server_port="$1" check="$2" pid
+    write_tcp_haproxy_config "$BENCH_TMP/haproxy.cfg" "$HAP_PORT" "$server_port"
+    haproxy -c -q -f "$BENCH_TMP/haproxy.cfg" || die "HAProxy refused its config"
+    start_bg haproxy "$CORE_PROXY" haproxy -db -f "$BENCH_TMP/haproxy.cfg"
+    pid=$LAST_PID
+    wait_port "$HAP_PORT" "$pid" haproxy || return 1
+    "$check" HAProxy "$HAP_PORT" || return 1
+    measure haproxy "$HAP_PORT" "$pid" || return 1
+    stop_bg "$pid"
+}
+
+# sql_pointsman_target PROTOCOL CHECK DROP: `pointsman router` on $PM_PORT (admin $ADMIN_PORT)
+# with the script's config, its deny rule shown live, measured, its metrics kept. A config it
+# refuses is reported (pointsman_refused) and the other targets go on.
+sql_pointsman_target() {
+    local protocol="$1" check="$2" drop="$3" pid
+    write_pointsman_config
+    # check-config first: a refused config is reported as such, not as a crash.
+    if ! "$POINTSMAN" check-config "$BENCH_TMP/pointsman.yaml" >"$BENCH_TMP/check-config.log" 2>&1; then
+        pointsman_refused "$BENCH_TMP/check-config.log" "$protocol"
+        return 0
+    fi
+    start_bg pointsman "$CORE_PROXY" "$POINTSMAN" router --config "$BENCH_TMP/pointsman.yaml"
+    pid=$LAST_PID
+    if ! wait_port "$PM_PORT" "$pid" pointsman 30 2>/dev/null; then
+        pointsman_refused "$BENCH_TMP/pointsman.log" "$protocol"
+        stop_bg "$pid"
+        return 0
+    fi
+    "$check" pointsman "$PM_PORT" || return 1
+    # The deny rule must be live, or this is not the configuration we claim to measure.
+    if "$drop" "$PM_PORT" >"$BENCH_TMP/canary.log" 2>&1; then
+        die "pointsman let a DROP through: the no-drop policy is not enforced"
+    fi
+    measure pointsman "$PM_PORT" "$pid" || return 1
+    scrape_metrics "$BENCH_TMP/pointsman-metrics.txt"
+    stop_bg "$pid"
+}
+

@@ -183,11 +183,6 @@ measured_qps() {
     awk '/^mysqlslap-total:/ { split($2, q, "="); split($3, s, "="); if (s[2] > 0) printf "%d\n", q[2] / s[2] }' "$1"
 }
 
-# scrape_metrics FILE: pointsman's /metrics, or an empty file when it does not answer.
-scrape_metrics() {
-    curl -s -m 5 "http://127.0.0.1:$ADMIN_PORT/metrics" >"$1" 2>/dev/null || : >"$1"
-}
-
 # measure TARGET PORT PID: per workload, a warm-up run then a measured run.
 measure() {
     local target="$1" port="$2" pid="$3" workload out qps
@@ -227,6 +222,11 @@ policies:
 EOF
 }
 
+# drop_canary PORT: a DROP through the target (it must fail: the policy refuses it).
+drop_canary() {
+    my_at "$1" -e "DROP TABLE IF EXISTS pointsman_bench_canary"
+}
+
 for target in $TARGETS; do
     case "$target" in
         direct)
@@ -234,37 +234,10 @@ for target in $TARGETS; do
             logname=mysqlserver measure direct "$MY_PORT" "$SERVER_PID" || exit 2
             ;;
         haproxy)
-            write_tcp_haproxy_config "$BENCH_TMP/haproxy.cfg" "$HAP_PORT" "$MY_PORT"
-            haproxy -c -q -f "$BENCH_TMP/haproxy.cfg" || die "HAProxy refused its config"
-            start_bg haproxy "$CORE_PROXY" haproxy -db -f "$BENCH_TMP/haproxy.cfg"
-            pid=$LAST_PID
-            wait_port "$HAP_PORT" "$pid" haproxy || exit 2
-            check_my HAProxy "$HAP_PORT" || exit 2
-            measure haproxy "$HAP_PORT" "$pid" || exit 2
-            stop_bg "$pid"
+            sql_haproxy_target "$MY_PORT" check_my || exit 2
             ;;
         pointsman)
-            write_pointsman_config
-            # check-config first: a refused config is reported as such, not as a crash.
-            if ! "$POINTSMAN" check-config "$BENCH_TMP/pointsman.yaml" >"$BENCH_TMP/check-config.log" 2>&1; then
-                pointsman_refused "$BENCH_TMP/check-config.log" mysql
-                continue
-            fi
-            start_bg pointsman "$CORE_PROXY" "$POINTSMAN" router --config "$BENCH_TMP/pointsman.yaml"
-            pid=$LAST_PID
-            if ! wait_port "$PM_PORT" "$pid" pointsman 30 2>/dev/null; then
-                pointsman_refused "$BENCH_TMP/pointsman.log" mysql
-                stop_bg "$pid"
-                continue
-            fi
-            check_my pointsman "$PM_PORT" || exit 2
-            # The deny rule must be live, or this is not the configuration we claim to measure.
-            if my_at "$PM_PORT" -e "DROP TABLE IF EXISTS pointsman_bench_canary" >"$BENCH_TMP/canary.log" 2>&1; then
-                die "pointsman let a DROP through: the no-drop policy is not enforced"
-            fi
-            measure pointsman "$PM_PORT" "$pid" || exit 2
-            scrape_metrics "$BENCH_TMP/pointsman-metrics.txt"
-            stop_bg "$pid"
+            sql_pointsman_target mysql check_my drop_canary || exit 2
             ;;
     esac
 done

@@ -147,11 +147,6 @@ workload_args() {
     esac
 }
 
-# scrape_metrics FILE: pointsman's /metrics, or an empty file when it does not answer.
-scrape_metrics() {
-    curl -s -m 5 "http://127.0.0.1:$ADMIN_PORT/metrics" >"$1" 2>/dev/null || : >"$1"
-}
-
 # measure TARGET PORT PID: per workload, a warm-up run then a measured run, pgbench pinned to
 # the load core.
 measure() {
@@ -229,6 +224,11 @@ policies:
 EOF
 }
 
+# drop_canary PORT: a DROP through the target (it must fail: the policy refuses it).
+drop_canary() {
+    psql_at "$1" -c "DROP TABLE IF EXISTS pointsman_bench_canary"
+}
+
 for target in $TARGETS; do
     case "$target" in
         direct)
@@ -236,14 +236,7 @@ for target in $TARGETS; do
             logname=pgserver measure direct "$PG_PORT" "$SERVER_PID" || exit 2
             ;;
         haproxy)
-            write_tcp_haproxy_config "$BENCH_TMP/haproxy.cfg" "$HAP_PORT" "$PG_PORT"
-            haproxy -c -q -f "$BENCH_TMP/haproxy.cfg" || die "HAProxy refused its config"
-            start_bg haproxy "$CORE_PROXY" haproxy -db -f "$BENCH_TMP/haproxy.cfg"
-            pid=$LAST_PID
-            wait_port "$HAP_PORT" "$pid" haproxy || exit 2
-            check_pg HAProxy "$HAP_PORT" || exit 2
-            measure haproxy "$HAP_PORT" "$pid" || exit 2
-            stop_bg "$pid"
+            sql_haproxy_target "$PG_PORT" check_pg || exit 2
             ;;
         pgbouncer)
             write_pgbouncer_config
@@ -255,27 +248,7 @@ for target in $TARGETS; do
             stop_bg "$pid"
             ;;
         pointsman)
-            write_pointsman_config
-            # check-config first: a refused config is reported as such, not as a crash.
-            if ! "$POINTSMAN" check-config "$BENCH_TMP/pointsman.yaml" >"$BENCH_TMP/check-config.log" 2>&1; then
-                pointsman_refused "$BENCH_TMP/check-config.log" postgres
-                continue
-            fi
-            start_bg pointsman "$CORE_PROXY" "$POINTSMAN" router --config "$BENCH_TMP/pointsman.yaml"
-            pid=$LAST_PID
-            if ! wait_port "$PM_PORT" "$pid" pointsman 30 2>/dev/null; then
-                pointsman_refused "$BENCH_TMP/pointsman.log" postgres
-                stop_bg "$pid"
-                continue
-            fi
-            check_pg pointsman "$PM_PORT" || exit 2
-            # The deny rule must be live, or this is not the configuration we claim to measure.
-            if psql_at "$PM_PORT" -c "DROP TABLE IF EXISTS pointsman_bench_canary" >"$BENCH_TMP/canary.log" 2>&1; then
-                die "pointsman let a DROP through: the no-drop policy is not enforced"
-            fi
-            measure pointsman "$PM_PORT" "$pid" || exit 2
-            scrape_metrics "$BENCH_TMP/pointsman-metrics.txt"
-            stop_bg "$pid"
+            sql_pointsman_target postgres check_pg drop_canary || exit 2
             ;;
     esac
 done
