@@ -53,7 +53,15 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from tests.throwaway import free_port, make_base_dir, serve, settings_of, system_account
+from tests.throwaway import (
+    free_port,
+    make_base_dir,
+    serve,
+    settings_of,
+    start_watchdog,
+    stop_watchdog,
+    system_account,
+)
 
 APP_USER, APP_PASSWORD = "app", "apppass"  # mysql_native_password
 ED25519_USER, ED25519_PASSWORD = "eduser", "edpass"  # ed25519 (when the plugin installs)
@@ -188,6 +196,7 @@ class MySqlServer:
         self.start_seconds: float = 0.0
         self._proc: subprocess.Popen[bytes] | None = None
         self._run_as = system_account(SYSTEM_USER, MySqlServerError, "Debian's mariadb-server package")
+        self._watchdog: subprocess.Popen[bytes] | None = None
 
     # -- paths ---------------------------------------------------------------------------
 
@@ -277,6 +286,7 @@ class MySqlServer:
             raise MySqlServerError("already started")
         began = time.monotonic()
         self.base_dir = make_base_dir("pointsman-my-", self._run_as)
+        self._watchdog = start_watchdog(self.base_dir / "mysqld.pid", self.base_dir)
         try:
             self._install_db()
             self._start_on_a_free_port()
@@ -289,6 +299,8 @@ class MySqlServer:
 
     def stop(self) -> None:
         """Stop the server (if running) and delete its directory. Safe to call twice."""
+        stop_watchdog(self._watchdog)
+        self._watchdog = None
         try:
             self._stop_process()
         finally:

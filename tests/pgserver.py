@@ -38,7 +38,15 @@ from pathlib import Path
 from types import TracebackType
 from urllib.parse import quote
 
-from tests.throwaway import free_port, make_base_dir, serve, settings_of, system_account
+from tests.throwaway import (
+    free_port,
+    make_base_dir,
+    serve,
+    settings_of,
+    start_watchdog,
+    stop_watchdog,
+    system_account,
+)
 
 MD5_USER, MD5_PASSWORD = "md5user", "md5pass"
 SCRAM_USER, SCRAM_PASSWORD = "scramuser", "scrampass"
@@ -158,6 +166,7 @@ class PgServer:
         self.port: int = 0
         self.base_dir: Path | None = None
         self._run_as = server_account()
+        self._watchdog: subprocess.Popen[bytes] | None = None
 
     # -- paths ---------------------------------------------------------------------------
 
@@ -192,10 +201,12 @@ class PgServer:
         if self.base_dir is not None:
             raise PgServerError("already started")
         self.base_dir = make_base_dir("pointsman-pg-", self._run_as, ["sock"])
+        self._watchdog = start_watchdog(self.data_dir / "postmaster.pid", self.base_dir)
         try:
             self._initdb()
             self._start_on_a_free_port()
         except BaseException:
+            stop_watchdog(self._watchdog)
             self._remove_base_dir()
             raise
         return self
@@ -204,6 +215,8 @@ class PgServer:
         """Stop the server (if running) and delete its directory. Safe to call twice."""
         if self.base_dir is None:
             return
+        stop_watchdog(self._watchdog)
+        self._watchdog = None
         try:
             if self.port and (self.data_dir / "postmaster.pid").exists():
                 # immediate: no shutdown checkpoint; the data is about to be deleted anyway.

@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -220,3 +221,40 @@ def test_serve_prints_the_port_and_cleans_up_on_sigterm() -> None:
     assert not base.exists()
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", port), timeout=1).close()
+
+
+def test_a_killed_owner_leaves_no_server_behind() -> None:
+    """The process that started a server dies without stopping it (SIGKILL, as a CI timeout
+    would): its watchdog stops the server and deletes its directory."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests.mysqlserver", "--serve"],
+        cwd=REPO_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+    )
+    try:
+        assert proc.stdout is not None and proc.stderr is not None
+        port = int(proc.stdout.readline())
+        base = Path(proc.stderr.readline().split(" in ", 1)[1].split()[0])
+        assert base.is_dir()
+        proc.kill()
+        proc.communicate()
+        deadline = time.monotonic() + 15
+        while (base.exists() or _listening(port)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not base.exists(), base
+        assert not _listening(port)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
+def _listening(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except OSError:
+        return False
+    return True

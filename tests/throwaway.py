@@ -13,6 +13,7 @@ import shutil
 import signal
 import socket
 import stat
+import subprocess
 import sys
 import tempfile
 import threading
@@ -124,3 +125,53 @@ def serve(
         print(f"{name}: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+# A watchdog process per server: if the process that started the server dies without stopping it
+# (SIGKILL, a crash, a CI timeout), the kernel tells the watchdog (PR_SET_PDEATHSIG), which stops
+# the server named in its pid file and deletes its directory. Without it, an interrupted test run
+# leaves database servers behind, running as another user in a temp dir.
+_WATCHDOG = r"""
+import ctypes, os, shutil, signal, sys, time
+parent, pid_file, base = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+ctypes.CDLL(None).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+while os.getppid() == parent and signal.sigtimedwait({signal.SIGTERM}, 1.0) is None:
+    pass
+try:
+    with open(pid_file) as f:
+        pid = int(f.readline())
+except (OSError, ValueError):
+    pid = 0
+if pid > 0:
+    try:
+        os.kill(pid, signal.SIGTERM)
+        for _ in range(100):
+            time.sleep(0.1)
+            os.kill(pid, 0)
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+shutil.rmtree(base, ignore_errors=True)
+"""
+
+
+def start_watchdog(pid_file: Path, base_dir: Path) -> subprocess.Popen[bytes]:
+    """Guard a server whose pid will be in ``pid_file`` and whose files are under ``base_dir``
+    against this process dying without stopping it. Start it from the thread that will stop the
+    server (the kernel's parent-death signal follows the thread). :func:`stop_watchdog` it
+    before a normal stop."""
+    return subprocess.Popen(
+        [sys.executable, "-c", _WATCHDOG, str(os.getpid()), str(pid_file), str(base_dir)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,  # a Ctrl-C to the test run is the test run's to handle
+    )
+
+
+def stop_watchdog(watchdog: subprocess.Popen[bytes] | None) -> None:
+    """A normal stop is coming: end the watchdog without it acting (SIGKILL)."""
+    if watchdog is not None and watchdog.poll() is None:
+        watchdog.kill()
+        watchdog.wait()
