@@ -170,14 +170,17 @@ class Router:
         shared: set[str] = set()
         for service, instances in snapshot.services.items():
             for instance in instances:
-                address = instance.address
-                if address.startswith("127.") or address == "::1" or address in shared:
-                    continue
-                if address in owners:  # two instances at one address: nobody's in particular
-                    shared.add(address)
-                    del owners[address]
-                    continue
-                owners[address] = Identity(service, instance.version or "", instance.id, instance.node or "")
+                identity = Identity(service, instance.version or "", instance.id, instance.node or "")
+                # Its registered address, and where its connections come from when that differs
+                # (a container's bridge address; its ports are published on 127.0.0.1).
+                for address in {instance.address, instance.meta.get("source_address") or instance.address}:
+                    if address.startswith("127.") or address == "::1" or address in shared:
+                        continue
+                    if address in owners:  # two instances at one address: nobody's in particular
+                        shared.add(address)
+                        del owners[address]
+                        continue
+                    owners[address] = identity
         self._owners = owners
 
     def owner_of(self, address: str) -> Identity | None:

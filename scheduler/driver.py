@@ -64,6 +64,10 @@ class TaskHandle:
     started_at: float
     limits: str
     address: str | None = None  # the task's own address (network "namespace"), else None
+    # Where the task's own connections come from when that is not `address`: a container's
+    # address on the engine's bridge (its ports are published on 127.0.0.1, its instance
+    # registered there). Shared listeners know the task by it (placement identity).
+    source_address: str | None = None
 
 
 @dataclass(frozen=True)

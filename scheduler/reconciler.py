@@ -604,7 +604,7 @@ class Reconciler:
             service=alloc.job,
             address=alloc.address or "127.0.0.1",
             ports={name: port for name, port in alloc.ports.items() if name in config.ports},  # not sidecars
-            meta={"alloc": alloc.id, "index": str(alloc.index), "driver": config.driver},
+            meta=_meta(alloc, config),
             node=alloc.node,
             version=alloc.version,
             check=check,
@@ -630,3 +630,13 @@ class Reconciler:
 def _log_failure(task: asyncio.Task[None]) -> None:
     if not task.cancelled() and task.exception() is not None:
         log.error("updating sidecars failed", exc_info=task.exception())
+
+
+def _meta(alloc: Alloc, config: JobConfig) -> dict[str, str]:
+    """An instance's registry meta; `source_address` where the task's connections come from
+    another address than the registered one (a container), for placement identity."""
+    meta = {"alloc": alloc.id, "index": str(alloc.index), "driver": config.driver}
+    source = (alloc.handle or {}).get("source_address")
+    if source:
+        meta["source_address"] = str(source)
+    return meta

@@ -189,6 +189,7 @@ class DockerDriver(Driver):
             ref=container.id,
             started_at=started,
             limits=limits,
+            source_address=_container_address(attrs),
         )
 
     def _save_logs(self, container: Any, alloc_id: str) -> None:
@@ -439,3 +440,15 @@ class DockerDriver(Driver):
 
     def _all_handles(self) -> list[TaskHandle]:
         return [self._handle(c) for c in self._ours(all_states=True)]
+
+
+def _container_address(attrs: dict[str, Any]) -> str | None:
+    """The container's address on the engine's network (the default bridge, else the first
+    network it is on): where its connections to the host come from."""
+    settings = attrs.get("NetworkSettings") or {}
+    if settings.get("IPAddress"):
+        return str(settings["IPAddress"])
+    for network in (settings.get("Networks") or {}).values():
+        if network and network.get("IPAddress"):
+            return str(network["IPAddress"])
+    return None

@@ -3,19 +3,24 @@ registered when it passes its check, killed from outside and restarted in place.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
 
 from discovery.config import DnsConfig
 from discovery.dns import DnsServer
 from discovery.registry import Registration
+from pointsman.config import parse_config
+from router.listeners import Router
 from scheduler.config import JobConfig
 from scheduler.drivers.docker import DockerDriver
 from scheduler.netns import NetworkNamespaces
 from scheduler.reconciler import Reconciler
+from tests.support import http_upstream
 
 from .docker_image import USR
 from .test_reconciler import PORTS, Platform, get, until
@@ -117,3 +122,72 @@ async def test_containers_resolve_internal_names_through_the_bridge_dns(
         await dns.stop()
         await network.remove_bridge()
         await p.close()
+
+
+async def test_a_container_is_known_by_its_address_at_a_shared_listener(
+    docker_image: str, cleanup_containers: Any, tmp_path: Path
+) -> None:
+    """Placement identity for containers: the instance is registered at 127.0.0.1 (its ports
+    are published there), but its connections to the host come from its address on the
+    engine's bridge. The driver reports that address, the registration carries it, and a
+    shared HTTP listener following the registry counts the container's requests as its job,
+    version, allocation and node."""
+    import docker as docker_sdk
+
+    ipam = docker_sdk.from_env().networks.get("bridge").attrs["IPAM"]["Config"][0]
+    # The host on the engine's default bridge (the engine leaves Gateway out when it is the
+    # subnet's first address).
+    gateway = ipam.get("Gateway") or str(ipaddress.ip_network(ipam["Subnet"])[1])
+    p = Platform(tmp_path)
+    await p.start()
+    docker = DockerDriver(tmp_path / "docker")
+    r = Reconciler(p.store, p.registry, {"docker": docker}, interval=0.1, port_range=PORTS)
+    async with http_upstream(_hello()) as up:
+        config = {
+            "clusters": {"hello": {"endpoints": [f"{up[0]}:{up[1]}"]}},
+            "listeners": [{"name": "shared", "listen": "0.0.0.0:0", "routes": [{"name": "all", "to": "hello"}]}],
+        }
+        parsed = parse_config(config, "<test>")
+        router = Router(catalog=p.registry.catalog)
+        await router.apply(parsed.clusters, parsed.listeners, parsed.policies)
+        port = router.listeners["shared"].address[1]
+        try:
+            # After a second: the instance is registered just after its container starts, and a
+            # connection made before that has no identity to be found.
+            fetch = f"sleep 1; wget -q -O- http://{gateway}:{port}/ && wget -q -O- http://{gateway}:{port}/; sleep 600"
+            job = JobConfig.model_validate(
+                {
+                    "name": "caller",
+                    "version": "3",
+                    "driver": "docker",
+                    "docker": {"image": docker_image, "command": ["sh", "-c", fetch]},
+                    "resources": {"cpu": 0.5, "memory": "64Mi"},
+                }
+            )
+            await r.start(None, [job])
+
+            def counted() -> dict[tuple[str, ...], float]:
+                return {k: v for k, v in router.stats.http_requests.values.items() if k[0] == "shared"}
+
+            await until(lambda: sum(counted().values()) >= 2, "two requests from the container", 30)
+            (alloc,) = r.live()
+            source = (alloc.handle or {}).get("source_address")
+            assert source and not source.startswith("127."), alloc.handle
+            (instance,) = p.registry.catalog.snapshot.instances("caller")
+            assert instance.address == "127.0.0.1" and instance.meta["source_address"] == source
+            assert counted() == {("shared", "caller", "3", alloc.id, alloc.node, "all", "hello", "2xx"): 2.0}
+        finally:
+            await r.close()
+            await router.close()
+            await docker.cleanup(set())
+            docker.close()
+            await p.close()
+
+
+def _hello() -> web.Application:
+    async def hello(request: web.Request) -> web.Response:
+        return web.Response(text="hello\n")
+
+    app = web.Application()
+    app.router.add_get("/", hello)
+    return app
