@@ -56,6 +56,9 @@ class Identity:
     version: str = ""
     instance: str = ""
     node: str = ""
+    # The app is only what the client says it is (application_name, program_name, its user):
+    # any number of distinct values can arrive, so as a label it is bounded (SqlMetrics.app_label).
+    claimed: bool = False
 
     def labels(self) -> tuple[str, str, str, str]:
         return (self.app, self.version, self.instance, self.node)

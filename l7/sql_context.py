@@ -60,6 +60,10 @@ class SqlMetrics(Protocol):
     @property
     def decode_errors(self) -> Counter: ...  # listener, protocol, side (client | server)
 
+    def app_label(self, app: str) -> str:
+        """The ``app`` label of an app the client claims (a bounded set of values)."""
+        ...
+
 
 class PgHooks(Protocol):
     """What the session asks of the proxy around it."""
@@ -116,8 +120,12 @@ class SqlContext:
             placed = self.identify(peer)
             if placed is not None:
                 return placed
-        return Identity(fallback)
+        return Identity(fallback, claimed=True)
 
     def who(self, identity: Identity) -> tuple[str, ...]:
-        """The label prefix of every per-session series (see the module docstring)."""
-        return (self.listener, self.protocol, *identity.labels())
+        """The label prefix of every per-session series (see the module docstring). A claimed
+        app is labelled through ``metrics.app_label`` (bounded); policies still see the app."""
+        labels = identity.labels()
+        if identity.claimed:
+            labels = (self.metrics.app_label(identity.app), *labels[1:])
+        return (self.listener, self.protocol, *labels)

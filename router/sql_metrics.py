@@ -27,6 +27,10 @@ from units.metrics import LabelledCounter, LabelledHistogram, fold
 # dashboard serves PostgreSQL and MySQL listeners) and the client's identity (l7.model.Identity).
 WHO = ("listener", "protocol", *IDENTITY_LABELS)
 
+# See SqlStats.app_label.
+CLAIMED_APPS_MAX = 1000
+OTHER_APPS = "_other"
+
 SQL_DURATION_BUCKETS = (
     0.0001,
     0.00025,
@@ -101,6 +105,10 @@ class SqlStats(Collector):
             self.policy_matches,
             self.decode_errors,
         ]
+        # Apps clients named themselves (application_name, program_name, user), as labels: the
+        # first CLAIMED_APPS_MAX distinct ones keep their names, later ones share OTHER_APPS, so
+        # a client inventing names cannot grow /metrics without end.
+        self._claimed_apps: set[str] = set()
         # Shared by every listener of a protocol: one cache, one hit rate per dialect. The second
         # of each pair lexes strings the other way (postgres: standard_conforming_strings off;
         # mysql: NO_BACKSLASH_ESCAPES).
@@ -111,6 +119,15 @@ class SqlStats(Collector):
         self._samples: deque[tuple[float, dict[tuple[str, ...], float], dict[tuple[str, ...], float]]] = deque(
             maxlen=16
         )
+
+    def app_label(self, app: str) -> str:
+        claimed = self._claimed_apps
+        if app in claimed:
+            return app
+        if len(claimed) >= CLAIMED_APPS_MAX:
+            return OTHER_APPS
+        claimed.add(app)
+        return app
 
     def classifiers(self, protocol: str) -> tuple[SqlClassifier, SqlClassifier]:
         """The (usual, other string lexing) classifier pair of a protocol's listeners."""

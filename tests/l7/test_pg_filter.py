@@ -14,7 +14,7 @@ from l7.pg_filter import PgSession
 from l7.policy import PolicyEngine
 from l7.policy_config import PolicyConfig
 from l7.sql_context import SqlContext
-from router.sql_metrics import SqlStats
+from router.sql_metrics import CLAIMED_APPS_MAX, OTHER_APPS, SqlStats
 
 
 def cstr(s: str) -> bytes:
@@ -181,3 +181,33 @@ def test_remembered_execute_is_forwarded_whole(split: bool) -> None:
     server, _, _ = run_session(split)
     run = bind("P_0") + describe() + execute() + SYNC
     assert (run + run) in server
+
+
+def test_apps_clients_name_themselves_are_bounded_as_labels_not_for_policy() -> None:
+    """A client can claim any application_name: past CLAIMED_APPS_MAX distinct ones the `app`
+    label is OTHER_APPS, so /metrics stays bounded; the policy still sees the name claimed
+    (a rule for one app cannot be dodged by flooding names first)."""
+    stats = SqlStats()
+    rule = {"name": "late-no-drop", "match": {"apps": ["late"], "verbs": ["DROP"]}, "action": "deny"}
+    engine = PolicyEngine(PolicyConfig.model_validate({"policies": [rule]}))
+    ctx = SqlContext("db", stats, stats.classifier, stats.classifier_bs, engine=engine)
+
+    def session(app: str) -> tuple[PgSession, list[bytes]]:
+        to_server: list[bytes] = []
+        s = PgSession(lambda: ctx, to_server.append, lambda _: None, Hooks(), "127.0.0.1")
+        body = struct.pack("!I", 196608) + cstr("user") + cstr("alice") + cstr("application_name") + cstr(app) + b"\0"
+        s.from_client(struct.pack("!I", len(body) + 4) + body)
+        s.from_server(msg(b"R", struct.pack("!I", 0)) + ready())
+        return s, to_server
+
+    for i in range(CLAIMED_APPS_MAX):
+        session(f"app-{i}")[0].end()
+    late, sent = session("late")
+    assert late.app == "late" and late.who[2] == OTHER_APPS
+    late.from_client(query("DROP TABLE t"))
+    assert b"RAISE EXCEPTION" in sent[-1]  # refused: the rule saw app "late"
+    assert stats.denied.values == {("db", "postgres", OTHER_APPS, "", "", "", "late-no-drop"): 1}
+    apps = {key[2] for key in stats.sessions.values}
+    assert len(apps) == CLAIMED_APPS_MAX + 1 and "app-0" in apps and OTHER_APPS in apps
+    # A name seen before the bound keeps its label.
+    assert session("app-7")[0].who[2] == "app-7"
