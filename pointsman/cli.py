@@ -12,7 +12,7 @@
     pointsman reload [--admin HOST:PORT | --config FILE]
                                            ask a running instance to reload its config
     pointsman top [--admin HOST:PORT | --config FILE] [--interval S] [--once] [--no-color]
-                                           live view of the SQL listeners (GET /sql/stats)
+                                           live view of SQL listeners and HTTP routes
     pointsman status [--admin HOST:PORT | --config FILE] [--json]
                                            jobs, allocations, services, listeners, clusters, last reload
     pointsman logs ALLOC [--stderr] [--tail BYTES] [-f] [--admin HOST:PORT | --config FILE]
@@ -524,8 +524,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     top = commands.add_parser(
         "top",
-        help="live view of the SQL listeners: statements per app and verb, latency, denials",
-        description="A live view of a running instance's SQL listeners, from its GET /sql/stats.",
+        help="live view of the SQL listeners (statements per app and verb, latency, denials) and HTTP routes",
+        description="A live view of a running instance's SQL listeners and HTTP routes, from its "
+        "GET /sql/stats and GET /http/stats.",
         parents=[common],
     )
     _admin_target(top)
