@@ -1,6 +1,6 @@
-"""SQL statistics of the PostgreSQL (later MySQL) listeners: plain counters, read at scrape.
+"""SQL statistics of the PostgreSQL and MySQL listeners: plain counters, read at scrape.
 
-Same approach as :mod:`router.metrics`: the session filter (l7/pg_filter.py) adds to dict
+Same approach as :mod:`router.metrics`: the session filters (l7/pg_filter.py, l7/mysql_filter.py) add to dict
 entries, the collector turns them into Prometheus families. "INSERTs per second from app A"
 is ``sum by (app) (rate(pointsman_sql_statements_total{verb="INSERT", app="A"}[1m]))``.
 
