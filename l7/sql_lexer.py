@@ -240,8 +240,8 @@ def split(sql: str, dialect: str = "postgres", *, backslash_escapes: bool | None
 # after the substitution get no skeleton (None) and go through the lexer.
 _PG_UNSAFE = re.compile(r"--|/\*|\\|\$(?:[A-Za-z_\x80-\U0010ffff][\w\x80-\U0010ffff]*)?\$")
 _NUMBER = r"(?<![\w$.])(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?(?![\w$.])"
-_PG_LITERALS = re.compile(r"'(?:[^']|'')*'|" + _NUMBER)
-_PG_LITERALS_DQ = re.compile(r"(\"(?:[^\"]|\"\")*\")|'(?:[^']|'')*'|" + _NUMBER)
+_PG_LITERALS = re.compile(r"'[^']*(?:''[^']*)*'|" + _NUMBER)
+_PG_LITERALS_DQ = re.compile(r"(\"[^\"]*(?:\"\"[^\"]*)*\")|'[^']*(?:''[^']*)*'|" + _NUMBER)
 
 
 # The placeholder must not occur in any text that gets a skeleton, or "1?" and "??" would
