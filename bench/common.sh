@@ -303,8 +303,7 @@ scrape_metrics() {
 
 # The SQL benchmarks' proxy targets. Each script defines `measure TARGET PORT PID` and a CHECK
 # function (`CHECK NAME PORT`: the target answers a query on the benchmark's data) and, for
-# pointsman, `write_pointsman_config` and a DROP function (`DROP PORT`: succeeds if a DROP got
-# through). Both return 1 when the benchmark cannot go on.
+# pointsman, a DROP function (`DROP PORT`: succeeds if a DROP got through). Both return 1 when the benchmark cannot go on.
 
 # sql_haproxy_target SERVER_PORT CHECK: HAProxy in TCP mode on $HAP_PORT, measured.
 sql_haproxy_target() {
@@ -319,12 +318,22 @@ sql_haproxy_target() {
     stop_bg "$pid"
 }
 
-# sql_pointsman_target PROTOCOL CHECK DROP: `pointsman router` on $PM_PORT (admin $ADMIN_PORT)
-# with the script's config, its deny rule shown live, measured, its metrics kept. A config it
+# sql_pointsman_target PROTOCOL SERVER_PORT CHECK DROP: `pointsman router` on $PM_PORT (admin
+# $ADMIN_PORT) with one PROTOCOL listener in front of 127.0.0.1:SERVER_PORT and a deny policy
+# on DROP/TRUNCATE that the workloads never trigger (every statement is classified and
+# checked, none refused), the deny rule shown live, measured, its metrics kept. A config it
 # refuses is reported (pointsman_refused) and the other targets go on.
 sql_pointsman_target() {
-    local protocol="$1" check="$2" drop="$3" pid
-    write_pointsman_config
+    local protocol="$1" server_port="$2" check="$3" drop="$4" pid
+    cat >"$BENCH_TMP/pointsman.yaml" <<EOF
+admin: {listen: 127.0.0.1:$ADMIN_PORT}
+clusters:
+  db: {endpoints: ["127.0.0.1:$server_port"]}
+listeners:
+  - {name: bench, listen: "127.0.0.1:$PM_PORT", protocol: $protocol, to: db, app: bench, policies: [no-drop]}
+policies:
+  - {name: no-drop, match: {verbs: [DROP, TRUNCATE]}, action: deny}
+EOF
     # check-config first: a refused config is reported as such, not as a crash.
     if ! "$POINTSMAN" check-config "$BENCH_TMP/pointsman.yaml" >"$BENCH_TMP/check-config.log" 2>&1; then
         pointsman_refused "$BENCH_TMP/check-config.log" "$protocol"

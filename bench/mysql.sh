@@ -208,20 +208,6 @@ measure() {
     done
 }
 
-# pointsman: one mysql listener with one deny policy that the benchmark's statements never
-# match (they are all SELECT), so every statement is classified and checked but none refused.
-write_pointsman_config() {
-    cat >"$BENCH_TMP/pointsman.yaml" <<EOF
-admin: {listen: 127.0.0.1:$ADMIN_PORT}
-clusters:
-  my: {endpoints: ["127.0.0.1:$MY_PORT"]}
-listeners:
-  - {name: sysbench, listen: "127.0.0.1:$PM_PORT", protocol: mysql, to: my, app: bench, policies: [no-drop]}
-policies:
-  - {name: no-drop, match: {verbs: [DROP, TRUNCATE]}, action: deny}
-EOF
-}
-
 # drop_canary PORT: a DROP through the target (it must fail: the policy refuses it).
 drop_canary() {
     my_at "$1" -e "DROP TABLE IF EXISTS pointsman_bench_canary"
@@ -237,7 +223,7 @@ for target in $TARGETS; do
             sql_haproxy_target "$MY_PORT" check_my || exit 2
             ;;
         pointsman)
-            sql_pointsman_target mysql check_my drop_canary || exit 2
+            sql_pointsman_target mysql "$MY_PORT" check_my drop_canary || exit 2
             ;;
     esac
 done

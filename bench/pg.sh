@@ -209,21 +209,6 @@ EOF
     return 0
 }
 
-# pointsman: one postgres listener with SQL classification on and one deny policy that
-# pgbench's statements never match (they are SELECT/UPDATE/INSERT, BEGIN/END), so every
-# statement is classified and checked but none is refused.
-write_pointsman_config() {
-    cat >"$BENCH_TMP/pointsman.yaml" <<EOF
-admin: {listen: 127.0.0.1:$ADMIN_PORT}
-clusters:
-  pg: {endpoints: ["127.0.0.1:$PG_PORT"]}
-listeners:
-  - {name: pgbench, listen: "127.0.0.1:$PM_PORT", protocol: postgres, to: pg, app: bench, policies: [no-drop]}
-policies:
-  - {name: no-drop, match: {verbs: [DROP, TRUNCATE]}, action: deny}
-EOF
-}
-
 # drop_canary PORT: a DROP through the target (it must fail: the policy refuses it).
 drop_canary() {
     psql_at "$1" -c "DROP TABLE IF EXISTS pointsman_bench_canary"
@@ -248,7 +233,7 @@ for target in $TARGETS; do
             stop_bg "$pid"
             ;;
         pointsman)
-            sql_pointsman_target postgres check_pg drop_canary || exit 2
+            sql_pointsman_target postgres "$PG_PORT" check_pg drop_canary || exit 2
             ;;
     esac
 done
