@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 from collections.abc import Callable, Iterator, Mapping
 
 import pytest
@@ -50,6 +51,15 @@ def mysql_server() -> Iterator[MySqlServer]:
         pytest.skip(message)
     with MySqlServer() as server:
         yield server
+
+
+@pytest.fixture
+def busy_port() -> Iterator[int]:
+    """A port something listens on (for the server fixtures' retry on a taken port)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        yield s.getsockname()[1]
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -8,7 +8,6 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import aiomysql
@@ -153,14 +152,6 @@ def test_two_servers_side_by_side(mysql_server: MySqlServer) -> None:
     assert not base.exists()
     assert _gone(pid)
     assert query(mysql_server, "SELECT 1") == (1,)
-
-
-@pytest.fixture
-def busy_port() -> Iterator[int]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        s.listen()
-        yield s.getsockname()[1]
 
 
 # mysql_server only for its skip-or-fail when MariaDB is missing; this test starts its own.

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import asyncpg
@@ -98,14 +96,6 @@ def test_pgbench_init(pg_server: PgServer) -> None:
     pgbench_init(pg_server, scale=1)
     with psycopg.connect(pg_server.dsn(), connect_timeout=5) as conn:
         assert conn.execute("SELECT count(*) FROM pgbench_accounts").fetchone() == (100_000,)
-
-
-@pytest.fixture
-def busy_port() -> Iterator[int]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        s.listen()
-        yield s.getsockname()[1]
 
 
 # pg_server only for its skip-or-fail when PostgreSQL is missing; this test starts its own.
