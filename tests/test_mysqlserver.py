@@ -8,6 +8,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import aiomysql
@@ -187,45 +189,24 @@ def test_a_failed_setup_leaves_nothing_running(monkeypatch: pytest.MonkeyPatch) 
 @pytest.mark.usefixtures("mysql_server")
 def test_serve_prints_the_port_and_cleans_up_on_sigterm() -> None:
     """What bench/mysql.sh relies on: the port on the first line, and SIGTERM stops it all."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.mysqlserver", "--serve"],
-        cwd=REPO_ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
-    )
-    try:
+    with _serving() as proc:
         assert proc.stdout is not None
         port = int(proc.stdout.readline())
         with pymysql.connect(host="127.0.0.1", port=port, user=APP_USER, password=APP_PASSWORD, connect_timeout=5):
             pass
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
     assert proc.returncode == 0, err
     base = Path(err.split(" in ", 1)[1].split()[0])
     assert base.name.startswith("pointsman-my-")
     assert not base.exists()
-    with pytest.raises(OSError):
-        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    assert not _listening(port)
 
 
 def test_a_killed_owner_leaves_no_server_behind() -> None:
     """The process that started a server dies without stopping it (SIGKILL, as a CI timeout
     would): its watchdog stops the server and deletes its directory."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.mysqlserver", "--serve"],
-        cwd=REPO_ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
-    )
-    try:
+    with _serving() as proc:
         assert proc.stdout is not None and proc.stderr is not None
         port = int(proc.stdout.readline())
         base = Path(proc.stderr.readline().split(" in ", 1)[1].split()[0])
@@ -237,6 +218,21 @@ def test_a_killed_owner_leaves_no_server_behind() -> None:
             time.sleep(0.1)
         assert not base.exists(), base
         assert not _listening(port)
+
+
+@contextmanager
+def _serving() -> Iterator[subprocess.Popen[str]]:
+    """`python -m tests.mysqlserver --serve`, killed on the way out if still running."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests.mysqlserver", "--serve"],
+        cwd=REPO_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+    )
+    try:
+        yield proc
     finally:
         if proc.poll() is None:
             proc.kill()
