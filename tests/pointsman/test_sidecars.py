@@ -18,7 +18,7 @@ import pytest
 
 from tests.mysqlserver import APP_PASSWORD, APP_USER, MySqlServer
 from tests.pgserver import DATABASE, SUPERUSER, PgServer
-from tests.pointsman.harness import eventually, pointsman, up_args, write_config
+from tests.pointsman.harness import PointsmanProcess, eventually, pointsman, up_args, write_config
 from tests.pointsman.test_scheduler_up import PORT_BASE, _allocs, _netns_unavailable
 
 ECHO = """
@@ -49,6 +49,15 @@ with psycopg.connect(host=host, port=port, user=sys.argv[1], dbname=sys.argv[2],
         print("drop:", exc.sqlstate, flush=True)
 time.sleep(600)
 """
+
+
+async def job_log(http: aiohttp.ClientSession, proc: PointsmanProcess, job: str) -> str:
+    """The output of the job's first allocation so far ("" before it is placed)."""
+    allocs = [a for a in await _allocs(http, proc.admin) if a["job"] == job]
+    if not allocs:
+        return ""
+    async with http.get(proc.url(f"/allocations/{allocs[0]['id']}/logs?tail=0")) as resp:
+        return await resp.text()
 
 
 def identity_labels(alloc: dict[str, Any]) -> set[str]:
@@ -122,11 +131,7 @@ async def test_sidecars_point_an_app_at_its_upstreams_with_its_identity(tmp_path
     async with pointsman(*up_args(config)) as proc, aiohttp.ClientSession() as http:
 
         async def client_log() -> str:
-            clients = [a for a in await _allocs(http, proc.admin) if a["job"] == "client"]
-            if not clients:
-                return ""
-            async with http.get(proc.url(f"/allocations/{clients[0]['id']}/logs?tail=0")) as resp:
-                return await resp.text()
+            return await job_log(http, proc, "client")
 
         async def done() -> bool:
             return "drop:" in await client_log()
@@ -293,11 +298,7 @@ async def test_a_mysql_sidecar_counts_and_polices_as_the_job(
     async with pointsman(*up_args(config)) as proc, aiohttp.ClientSession() as http:
 
         async def shop_log() -> str:
-            shops = [a for a in await _allocs(http, proc.admin) if a["job"] == "shop"]
-            if not shops:
-                return ""
-            async with http.get(proc.url(f"/allocations/{shops[0]['id']}/logs?tail=0")) as resp:
-                return await resp.text()
+            return await job_log(http, proc, "shop")
 
         async def done() -> bool:
             return "drop:" in await shop_log()
