@@ -273,14 +273,10 @@ def parse_response(payload: bytes) -> HandshakeResponse:
     if caps & CLIENT_PLUGIN_AUTH_LENENC_CLIENT_DATA:
         n, pos = lenenc(payload, pos)
         pos += n
-    elif caps & CLIENT_SECURE_CONNECTION:
-        if pos >= len(payload):
+        if pos > len(payload):
             raise ProtocolError("truncated auth data")
-        pos += 1 + payload[pos]
     else:
-        _, pos = _cstring(payload, pos)
-    if pos > len(payload):
-        raise ProtocolError("truncated auth data")
+        pos = _skip_auth_data(payload, pos, caps, "auth data")
     if caps & CLIENT_CONNECT_WITH_DB and pos < len(payload):
         db, pos = _cstring(payload, pos)
         resp.database = db.decode("utf-8", "replace")
@@ -326,18 +322,25 @@ class ChangeUser:
     attributes: dict[str, str]
 
 
-@_strict
-def parse_change_user(payload: bytes, caps: int) -> ChangeUser:
-    """COM_CHANGE_USER: user, auth data, database, then (4.1) charset, plugin, attributes."""
-    user, pos = _cstring(payload, 1)
+def _skip_auth_data(payload: bytes, pos: int, caps: int, what: str) -> int:
+    """Past the auth data at ``pos``: one length byte and the data (CLIENT_SECURE_CONNECTION),
+    else a NUL-terminated string. ProtocolError naming ``what`` if it runs past the end."""
     if caps & CLIENT_SECURE_CONNECTION:
         if pos >= len(payload):
-            raise ProtocolError("truncated COM_CHANGE_USER")
+            raise ProtocolError(f"truncated {what}")
         pos += 1 + payload[pos]
     else:
         _, pos = _cstring(payload, pos)
     if pos > len(payload):
-        raise ProtocolError("truncated COM_CHANGE_USER")
+        raise ProtocolError(f"truncated {what}")
+    return pos
+
+
+@_strict
+def parse_change_user(payload: bytes, caps: int) -> ChangeUser:
+    """COM_CHANGE_USER: user, auth data, database, then (4.1) charset, plugin, attributes."""
+    user, pos = _cstring(payload, 1)
+    pos = _skip_auth_data(payload, pos, caps, "COM_CHANGE_USER")
     db = b""
     if pos < len(payload):
         db, pos = _cstring(payload, pos)
