@@ -62,6 +62,18 @@ def busy_port() -> Iterator[int]:
         yield s.getsockname()[1]
 
 
+@pytest.fixture
+def closed_port() -> Iterator[int]:
+    """A port nothing listens on: bound (so nobody else takes it) but not listening, so a
+    connection to it is refused at once."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    try:
+        yield sock.getsockname()[1]
+    finally:
+        sock.close()
+
+
 @pytest.fixture(scope="session", autouse=True)
 def state_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """Every pointsman a test starts without a state_dir keeps its state in this session's own

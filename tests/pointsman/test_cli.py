@@ -11,7 +11,7 @@ import json
 import re
 import signal
 import socket
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -38,18 +38,6 @@ CONFIGS = Path(__file__).parents[2] / "configs"
 async def session() -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as s:
         yield s
-
-
-@pytest.fixture
-def closed_port() -> Iterator[int]:
-    """A port nothing listens on: bound (so nobody else takes it) but not listening, so a
-    connection to it is refused at once."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    try:
-        yield sock.getsockname()[1]
-    finally:
-        sock.close()
 
 
 def _digest(config: dict[str, Any]) -> str:

@@ -5,14 +5,11 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import pytest
 
 from pointsman import status
 from tests.pointsman.harness import eventually, pointsman, run_cli, up_args, write_config
@@ -340,17 +337,6 @@ async def test_status_without_discovery_or_jobs(tmp_path: Path) -> None:
         code, out, _ = await run_cli("status", "--admin", proc.admin, "--json")
         summary = json.loads(out)
         assert (summary["jobs"], summary["allocations"], summary["services"]) == (None, None, None)
-
-
-@pytest.fixture
-def closed_port() -> Iterator[int]:
-    """Bound (so nobody else takes it) but not listening: a connection is refused at once."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    try:
-        yield sock.getsockname()[1]
-    finally:
-        sock.close()
 
 
 async def test_status_of_an_unreachable_instance(closed_port: int) -> None:

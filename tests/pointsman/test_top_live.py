@@ -10,8 +10,6 @@ import io
 import os
 import re
 import shutil
-import socket
-from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
@@ -24,17 +22,6 @@ from tests.pointsman.harness import eventually, http_upstream, pointsman, run_cl
 from tests.pointsman.test_top import SNAPSHOT, _table_rows
 
 POSTGRES_LISTENER = re.compile(r"pointsman: listener (\S+) postgres (\S+)$")
-
-
-@pytest.fixture
-def closed_port() -> Iterator[int]:
-    """Bound (so nobody else takes it) but not listening: a connection is refused at once."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    try:
-        yield sock.getsockname()[1]
-    finally:
-        sock.close()
 
 
 async def test_top_once_shows_the_statements_of_a_real_router(tmp_path: Path, pg_server: PgServer) -> None:
