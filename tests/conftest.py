@@ -9,6 +9,7 @@ import pytest
 
 from tests.mysqlserver import MySqlServer, find_binaries
 from tests.pgserver import PgServer, find_bin_dir
+from tests.support import missing
 
 try:
     import uvloop
@@ -31,10 +32,7 @@ def pg_server() -> Iterator[PgServer]:
     machine (`make test` installs them when it runs as root) but fail in CI, where a missing
     package must not turn into a quietly green run."""
     if find_bin_dir() is None:
-        message = "no PostgreSQL server binaries (apt-get install postgresql, or set PG_BIN)"
-        if os.environ.get("CI"):
-            pytest.fail(f"CI is set and {message}", pytrace=False)
-        pytest.skip(message)
+        missing("no PostgreSQL server binaries (apt-get install postgresql, or set PG_BIN)")
     with PgServer() as server:
         yield server
 
@@ -45,10 +43,7 @@ def mysql_server() -> Iterator[MySqlServer]:
     deleted at the end of the session. Skipped without the MariaDB binaries, failed under CI,
     like pg_server."""
     if find_binaries() is None:
-        message = "no MariaDB binaries (apt-get install mariadb-server mariadb-client, or set MARIADB_BIN)"
-        if os.environ.get("CI"):
-            pytest.fail(f"CI is set and {message}", pytrace=False)
-        pytest.skip(message)
+        missing("no MariaDB binaries (apt-get install mariadb-server mariadb-client, or set MARIADB_BIN)")
     with MySqlServer() as server:
         yield server
 

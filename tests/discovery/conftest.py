@@ -4,18 +4,16 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
 import threading
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
-import pytest
-
 from discovery.config import DnsConfig
 from discovery.dns import DnsServer
 from discovery.model import Catalog, Health, Instance, Snapshot
+from tests.support import missing
 
 
 def instance(
@@ -117,10 +115,7 @@ def require_dig() -> str:
     installs it as root through the Makefile's DEBIAN_DEPS)."""
     path = shutil.which("dig")
     if path is None:
-        message = "dig is missing (apt-get install bind9-dnsutils)"
-        if os.environ.get("CI"):
-            pytest.fail(f"CI is set and {message}", pytrace=False)
-        pytest.skip(message)
+        missing("dig is missing (apt-get install bind9-dnsutils)")
     return path
 
 
