@@ -44,13 +44,14 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Literal
 
-from discovery.registry import Check, Registration, Registry
+from discovery.registry import Registry
 from discovery.store import Store
 from scheduler.config import JobConfig, NodeConfig, effective_nodes
 from scheduler.driver import Driver, DriverError, TaskExit, TaskHandle
 from scheduler.model import PORT_RANGE, Allocation, Job, Node, Resources
 from scheduler.plan import check_allocations, place_into, placement_order
 from scheduler.records import ALLOCS, JOBS, Alloc, JobEntry, Sidecar, Unplaced
+from scheduler.registration import registration
 from scheduler.state import ClusterState
 from scheduler.taskspec import task_spec
 from units import format_duration
@@ -589,28 +590,7 @@ class Reconciler:
     async def _register(self, alloc: Alloc, config: JobConfig) -> None:
         if self.registry is None:
             return
-        check = None
-        if config.health is not None:
-            h = config.health
-            check = Check(
-                http=h.http,
-                tcp=h.http is None,
-                port=h.port,
-                interval=h.interval,
-                timeout=min(h.timeout, h.interval),
-            )
-        reg = Registration(
-            id=alloc.id,
-            service=alloc.job,
-            address=alloc.address or "127.0.0.1",
-            ports={name: port for name, port in alloc.ports.items() if name in config.ports},  # not sidecars
-            meta=_meta(alloc, config),
-            node=alloc.node,
-            version=alloc.version,
-            check=check,
-            source="scheduler",
-        )
-        await self.registry.register(reg)
+        await self.registry.register(registration(alloc, config))
         alloc.registered = True
 
     async def _deregister(self, alloc: Alloc) -> None:
@@ -630,13 +610,3 @@ class Reconciler:
 def _log_failure(task: asyncio.Task[None]) -> None:
     if not task.cancelled() and task.exception() is not None:
         log.error("updating sidecars failed", exc_info=task.exception())
-
-
-def _meta(alloc: Alloc, config: JobConfig) -> dict[str, str]:
-    """An instance's registry meta; `source_address` where the task's connections come from
-    another address than the registered one (a container), for placement identity."""
-    meta = {"alloc": alloc.id, "index": str(alloc.index), "driver": config.driver}
-    source = (alloc.handle or {}).get("source_address")
-    if source:
-        meta["source_address"] = str(source)
-    return meta
