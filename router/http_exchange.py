@@ -38,6 +38,7 @@ from router.http_headers import (
     local_response,
     status_line,
 )
+from router.http_labels import NOBODY, Labels, labels_for
 from router.http_request import Request
 from router.http_states import (
     M_LINGER,
@@ -62,37 +63,6 @@ if TYPE_CHECKING:
 
 LINGER_SECONDS = 2.0
 NEVER = 10 * 365 * 86400.0
-_CLASSES = ("1xx", "1xx", "2xx", "3xx", "4xx", "5xx")
-
-
-class Labels:
-    """Metric label tuples of one (listener, client identity, route, cluster), built once and
-    reused. ``who`` is an :meth:`l7.model.Identity.labels` tuple (app, version, instance, node)."""
-
-    __slots__ = ("by_class", "duration", "retries")
-
-    def __init__(self, listener: str, who: tuple[str, ...], route: str, cluster: str) -> None:
-        self.by_class = tuple((listener, *who, route, cluster, c) for c in _CLASSES)
-        self.duration = (listener, *who, route)
-        self.retries = (listener, *who, route, cluster)
-
-
-_label_cache: dict[tuple[str, tuple[str, ...], str, str], Labels] = {}
-# The identity of a client nothing is known about: every identity label empty.
-NOBODY: tuple[str, ...] = ("", "", "", "")
-
-
-def labels_for(listener: str, who: tuple[str, ...], route: str, cluster: str) -> Labels:
-    key = (listener, who, route, cluster)
-    labels = _label_cache.get(key)
-    if labels is None:
-        if len(_label_cache) >= _LABEL_CACHE_MAX:
-            _label_cache.clear()  # identities come and go with instances: never grow without end
-        labels = _label_cache[key] = Labels(listener, who, route, cluster)
-    return labels
-
-
-_LABEL_CACHE_MAX = 4096
 
 
 class HttpExchange(Tries, asyncio.Protocol):

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 from httptools import HttpParserCallbackError, HttpParserError, HttpParserUpgrade, HttpRequestParser, parse_url
 
 from router import http_memory
-from router.http_exchange import HttpExchange, labels_for
+from router.http_exchange import HttpExchange
 from router.http_headers import (
     CRLF,
     H_CONNECTION,
@@ -52,6 +52,7 @@ from router.http_headers import (
     header_kind,
     parse_connection,
 )
+from router.http_labels import labels_for
 from router.http_request import Request
 from router.http_states import M_LINGER, M_NORMAL, M_TUNNEL, M_UPGRADING, P_DEAD, P_PIPELINE, P_WAIT, T_HEADERS
 from router.routes import normalise_host

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from collections import deque
 
     from router.cluster import Cluster, Endpoint
-    from router.http_exchange import Labels
+    from router.http_labels import Labels
     from router.http_upstream import UpstreamConnection, UpstreamOwner
     from router.metrics import RouterStats
 
